@@ -1,0 +1,1 @@
+"""Data: corpora, token shards, batch loaders, chat and preference formats, synthetic tasks."""
