@@ -1,0 +1,113 @@
+"""Synthetic verifiable tasks: the default data for SFT, RL and evaluation.
+
+Each task is one module in this package (its file name not starting with '_') exposing:
+
+    NAME: str, DESCRIPTION: str
+    generate(split, n, seed=0) -> list[Example]   split in {"train", "test"}, disjoint by content
+    extract(completion) -> str | None             the final answer in a reply (for voting), None if absent
+    check(example, completion) -> float           reward in [0, 1]
+
+Modules are discovered at import, so adding a task is adding one file. Splits are decided by a hash of each
+example's content (see `_common.split_of`), so the same question can never appear in both.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Protocol
+
+from ...errors import DataError
+from ._common import interleave
+
+
+@dataclass(frozen=True)
+class Example:
+    task: str
+    messages: list[dict]  # the whole conversation, ending in the reference assistant answer
+    answer: str           # what extract() returns for a correct reply
+    meta: dict = field(default_factory=dict)
+
+    def prompt_messages(self) -> list[dict]:
+        """The conversation up to (not including) the final assistant turn: what a model is asked."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            return [dict(m) for m in self.messages[:-1]]
+        return [dict(m) for m in self.messages]
+
+    def reference(self) -> str:
+        return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
+
+
+class Task(Protocol):
+    NAME: str
+    DESCRIPTION: str
+
+    def generate(self, split: str, n: int, seed: int = 0) -> list[Example]: ...
+    def extract(self, completion: str) -> str | None: ...
+    def check(self, example: Example, completion: str) -> float: ...
+
+
+_REQUIRED = ("NAME", "DESCRIPTION", "generate", "extract", "check")
+
+
+def _discover() -> dict[str, ModuleType]:
+    tasks = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        missing = [a for a in _REQUIRED if not hasattr(module, a)]
+        if missing:  # a half-written task file should fail loudly, not vanish from the registry
+            raise ImportError(f"task module {module.__name__} lacks {', '.join(missing)}")
+        tasks[module.NAME] = module
+    return tasks
+
+
+TASKS: dict[str, ModuleType] = _discover()
+
+
+def list_tasks() -> list[str]:
+    return list(TASKS)
+
+
+def get_task(name: str) -> ModuleType:
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise DataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}") from None
+
+
+def parse_task_list(spec: str) -> list[str]:
+    """'all' or a comma-separated list of task names -> validated names, in order, without repeats."""
+    if spec is None or not str(spec).strip():
+        raise DataError(f"empty task list; use 'all' or some of: {', '.join(TASKS)}")
+    if spec.strip() == "all":
+        return list_tasks()
+    names = []
+    for name in (s.strip() for s in spec.split(",")):
+        if not name:
+            continue
+        get_task(name)
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise DataError(f"empty task list '{spec}'; use 'all' or some of: {', '.join(TASKS)}")
+    return names
+
+
+def generate_mixture(names, split: str, n_per_task: int, seed: int = 0) -> list[Example]:
+    """n_per_task examples of every named task, interleaved round-robin (deterministic given the seed)."""
+    if isinstance(names, str):
+        names = parse_task_list(names)
+    return interleave([get_task(name).generate(split, n_per_task, seed) for name in names])
+
+
+def check_example(example: Example, completion: str) -> float:
+    """Reward of a completion for an example of any registered task."""
+    return get_task(example.task).check(example, completion)
+
+
+__all__ = ["Example", "Task", "TASKS", "get_task", "list_tasks", "parse_task_list", "generate_mixture",
+           "check_example"]

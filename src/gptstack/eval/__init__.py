@@ -1,0 +1,1 @@
+"""Evaluation: bits per byte, task accuracy, diversity, the pipeline report."""

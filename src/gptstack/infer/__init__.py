@@ -1,0 +1,1 @@
+"""Inference: the engine and what builds on it (sampling, constraints, ensembles, retrieval, mixing)."""

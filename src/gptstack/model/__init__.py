@@ -1,0 +1,1 @@
+"""Models: the GPT, scalar heads, adapters, quantization."""

@@ -1,0 +1,269 @@
+"""A decoder-only Transformer in the Llama parameter layout.
+
+    tokens -> embed_tokens -> [ x + attn(rmsnorm(x)); x + swiglu(rmsnorm(x)) ] * n_layer -> norm -> lm_head
+
+Parameter names follow Hugging Face's LlamaForCausalLM (`layers.N.self_attn.q_proj`, `mlp.gate_proj`, ...), so
+PEFT targets the usual module names and weights map 1:1 onto Llama checkpoints (QK-norm aside, which is Qwen3's).
+Attention is `scaled_dot_product_attention` (flash kernels on GPU); grouped-query attention when
+n_kv_head < n_head. One forward serves training (full sequences, optional per-row position ids and a
+block-diagonal mask for packed conversations) and generation (a preallocated KV cache, see `KVCache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 8192
+    n_layer: int = 4
+    n_embd: int = 256
+    n_head: int = 4
+    n_kv_head: int = 4
+    mlp_hidden: int = 768      # SwiGLU hidden width (≈ 8/3 · n_embd, rounded to a multiple of 64)
+    seq_len: int = 256         # the context length the model is trained for
+    rope_theta: float = 10000.0
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    # x: (B, H, T, D); cos/sin: (B, 1, T, D/2). Rotate halves (Llama/HF convention).
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+class KVCache:
+    """Preallocated keys/values for generation: (n_layer, B, n_kv_head, max_len, head_dim).
+
+    All rows write at the same position `pos` (prompts are left-padded by the engine); `valid[b, t]` marks
+    real tokens, so padding is never attended to. `expand(n)` repeats each row n times, which lets n samples
+    of one prompt share one prefill."""
+
+    def __init__(self, cfg: GPTConfig, batch: int, max_len: int, device, dtype):
+        shape = (cfg.n_layer, batch, cfg.n_kv_head, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.pos = 0
+        self.max_len = max_len
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    def expand(self, n: int) -> None:
+        if n == 1:
+            return
+        self.k = self.k.repeat_interleave(n, dim=1)
+        self.v = self.v.repeat_interleave(n, dim=1)
+        self.valid = self.valid.repeat_interleave(n, dim=0)
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (drop finished sequences so decode does no wasted work)."""
+        self.k = self.k[:, rows]
+        self.v = self.v[:, rows]
+        self.valid = self.valid[rows]
+
+
+NO_MASK = "no-mask"
+
+
+def cache_attention_mask(cache: KVCache, T: int, new_valid=None):
+    """Mark the T incoming positions valid (or as `new_valid` says) and return the attention mask for
+    them: causal within the chunk, and never onto invalid (padding) keys. A query may always see itself,
+    so a padding row never has an all-masked softmax (its output is unused anyway)."""
+    p = cache.pos
+    cache.valid[:, p:p + T] = True if new_valid is None else new_valid
+    if T == 1 and new_valid is None and p > 0 and bool(cache.valid[:, :p].all()):
+        return NO_MASK
+    keys = torch.arange(p + T, device=cache.valid.device)
+    queries = torch.arange(p, p + T, device=cache.valid.device)
+    causal = keys[None, :] <= queries[:, None]
+    mask = causal[None] & cache.valid[:, None, :p + T]
+    mask |= keys[None, None, :] == queries[None, :, None]
+    return mask.unsqueeze(1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.norm_eps)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_head, self.cfg.n_kv_head
+        q = self.q_proj(x).view(B, T, nh, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, nkv, hd).transpose(1, 2)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            p = cache.pos
+            cache.k[self.layer_idx, :, :, p:p + T] = k
+            cache.v[self.layer_idx, :, :, p:p + T] = v
+            k = cache.k[self.layer_idx, :, :, :p + T]
+            v = cache.v[self.layer_idx, :, :, :p + T]
+        gqa = nkv != nh
+        if mask is None:  # full causal sequence (training, or a prefill from position 0)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        elif mask is NO_MASK:  # one new token that may see the whole cache
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, nh * hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.up_proj = nn.Linear(cfg.n_embd, cfg.mlp_hidden, bias=False)
+        self.down_proj = nn.Linear(cfg.mlp_hidden, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        # RoPE tables cover 4x the training context so generation can run past it (quality may degrade).
+        cos, sin = rope_tables(cfg.head_dim, 4 * cfg.seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Residual-branch outputs start at zero (each block starts as the identity), inputs are scaled by
+        1/sqrt(fan_in), and the head starts tiny so the first predictions are near-uniform."""
+        g = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+            elif name == "embed_tokens.weight":
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name == "lm_head.weight":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.001)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+
+    # ---- bookkeeping ------------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.embed_tokens.weight.numel() if non_embedding else n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token: 6 per weight multiply-accumulate (forward + backward) plus attention."""
+        T = seq_len or self.config.seq_len
+        c = self.config
+        n_matmul = self.num_params() - self.embed_tokens.weight.numel() * (0 if c.tie_embeddings else 1)
+        attn = 12 * c.n_layer * c.n_head * c.head_dim * T / 2  # causal: half the scores
+        return 6 * n_matmul + attn
+
+    # ---- forward ----------------------------------------------------------------------------------
+    def hidden_states(self, idx, *, position_ids=None, attn_mask=None, kv_cache: KVCache | None = None,
+                      new_valid=None):
+        """Final normed hidden states (B, T, C); the reward and value heads read these.
+
+        With a KV cache the mask is built from the cache (`new_valid` (B, T) marks left padding in a prefill)."""
+        B, T = idx.shape
+        if kv_cache is not None and attn_mask is None:
+            if kv_cache.pos + T > kv_cache.max_len:
+                raise ValueError(f"KV cache overflow: {kv_cache.pos} + {T} > {kv_cache.max_len}")
+            attn_mask = cache_attention_mask(kv_cache, T, new_valid)
+        if position_ids is None:
+            start = kv_cache.pos if kv_cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
+        cos = self.rope_cos[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
+        sin = self.rope_sin[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
+        x = self.embed_tokens(idx)
+        if x.dtype != cos.dtype:
+            cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.layers:
+            x = block(x, cos, sin, attn_mask, kv_cache)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, *, position_ids=None, attn_mask=None, kv_cache=None,
+                new_valid=None, reduction: str = "mean", last_only: bool = False):
+        """Logits (B, T, V) when `targets` is None, else the cross-entropy (targets == -1 are ignored):
+        a scalar mean for reduction='mean', per-token (B, T) for 'none', a sum for 'sum'."""
+        h = self.hidden_states(idx, position_ids=position_ids, attn_mask=attn_mask, kv_cache=kv_cache,
+                               new_valid=new_valid)
+        if last_only:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                               ignore_index=-1, reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss

@@ -1,0 +1,1 @@
+"""Training: one loop (loop.py) shared by every stage; each stage supplies batches and a loss."""

@@ -1,0 +1,387 @@
+"""THE training loop. Pretraining, SFT, reward modeling, DPO, distillation and the RL update all run here.
+
+A stage hands over a `Stage`: the module to train, a resumable batch iterator, a loss function and a few
+hooks. The loop owns everything else: devices and precision, DDP under torchrun, gradient accumulation,
+clipping, the LR schedule, logging (progress bar, metrics.jsonl, optional wandb/tensorboard), periodic
+evaluation and samples, atomic checkpoints, and exact resume.
+
+    stage = Stage(name="sft", model=model, batches=batches, loss_fn=loss, save=save, ...)
+    result = train(stage, cfg)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
+from ..errors import CheckpointError, ConfigError
+from .checkpoint import (atomic_write_json, check_checkpoint_consistent, load_weights, new_checkpoint_id,
+                         save_weights, unwrap)
+from .optim import build_optimizers, lr_multiplier, set_lr
+
+LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
+
+# Peak dense bf16 FLOP/s, for MFU on GPUs we recognise.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def default_save(model: torch.nn.Module, run_dir: Path, checkpoint_id: str) -> None:
+    save_weights(run_dir / "model.safetensors", unwrap(model).state_dict(), {"checkpoint_id": checkpoint_id})
+
+
+def default_load(model: torch.nn.Module, run_dir: Path) -> None:
+    state, meta = load_weights(run_dir / "model.safetensors")
+    target = unwrap(model)
+    if "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:
+        target.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint in '{run_dir}' does not fit this model ({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class Stage:
+    name: str
+    model: torch.nn.Module
+    batches: Iterator[dict]                    # must offer state_dict() / load_state_dict() for resume
+    loss_fn: LossFn                            # (model, batch) -> (loss, metrics)
+    run_config: dict                           # written to config.json (model + stage config + parent run)
+    tokenizer: Any
+    save: Callable[[torch.nn.Module, Path, str], None] = default_save
+    load: Callable[[torch.nn.Module, Path], None] = default_load
+    evaluate: Callable[[torch.nn.Module], dict] | None = None     # -> {"val_loss": ..., "val_bpb": ...}
+    sample: Callable[[torch.nn.Module], str] | None = None        # -> text shown in the log
+    tokens_in: Callable[[dict], int] = lambda b: int(b["input_ids"].numel())
+    flops_per_token: float = 0.0
+    corpus_tokens: int = 0                     # unique training tokens available (for epochs)
+    n_params: int = 0
+    after_step: Callable[[int, dict], None] | None = None         # e.g. adaptive KL control in RL
+    extra_state: Callable[[], dict] | None = None                 # stage state to checkpoint (RL KL coef...)
+    load_extra_state: Callable[[dict], None] | None = None
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float
+    last: dict = field(default_factory=dict)   # the final logged metrics (and final eval)
+    interrupted: bool = False
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def distributed_context():
+    """(rank, world, local_rank); initialises the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    rank = torch.distributed.get_rank() if world > 1 else 0
+    return rank, world, int(os.environ.get("LOCAL_RANK", 0))
+
+
+def run_dir_in_use(out: Path) -> bool:
+    return (out / "trainer_state.json").exists() or (out / "model.safetensors").exists()
+
+
+class MetricsLog:
+    """metrics.jsonl (one object per logged step) plus optional wandb / tensorboard mirrors."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, resume_step: int, is_main: bool, run_name: str):
+        self.path, self.is_main = out / "metrics.jsonl", is_main
+        self.wandb = self.tb = None
+        if not is_main:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        if resume_step and self.path.exists():  # drop lines past the checkpoint so the log matches the state
+            keep = [l for l in self.path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            self.path.write_text("".join(l + "\n" for l in keep))
+        elif not resume_step and self.path.exists():
+            self.path.unlink()
+        if cfg.wandb:
+            try:
+                import wandb
+                self.wandb = wandb.init(project=cfg.wandb, name=run_name, config=config_to_dict(cfg))
+            except ImportError:
+                print("note: --wandb asked for but wandb is not installed; logging to metrics.jsonl only")
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                print("note: --tensorboard asked for but tensorboard is not installed")
+
+    def write(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb:
+            self.wandb.log(record, step=record["step"])
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self.tb.add_scalar(k, v, record["step"])
+
+
+def save_checkpoint(stage: Stage, model, optimizers, out: Path, state: dict, is_main: bool) -> None:
+    if not is_main:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cid = new_checkpoint_id()
+    stage.save(model, out, cid)
+    stage.tokenizer.save(out / "tokenizer")
+    atomic_write_json(out / "config.json", stage.run_config)
+    import io
+    buf = io.BytesIO()
+    torch.save({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}, buf)
+    from .checkpoint import atomic_write_bytes
+    atomic_write_bytes(out / "optimizer.pt", buf.getvalue())
+    state = dict(state, checkpoint_id=cid, rng=None)
+    atomic_write_bytes(out / "rng.pt", _torch_bytes(_rng_state()))
+    if stage.extra_state:
+        state["stage_state"] = stage.extra_state()
+    atomic_write_json(out / "trainer_state.json", state)   # last: it commits the checkpoint
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def _load_resume(stage: Stage, model, optimizers, out: Path) -> dict:
+    try:
+        state = json.loads((out / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot resume: '{out}/trainer_state.json' is missing or corrupt ({type(e).__name__})") from None
+    stage.load(model, out)
+    try:
+        opt = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot resume: '{out}/optimizer.pt' is corrupt ({type(e).__name__})") from None
+    if opt.get("checkpoint_id") != state.get("checkpoint_id"):
+        raise CheckpointError(f"cannot resume: '{out}' holds optimizer and trainer state from different saves")
+    for o, s in zip(optimizers, opt["optimizers"]):
+        o.load_state_dict(s)
+    if hasattr(stage.batches, "load_state_dict") and state.get("data") is not None:
+        stage.batches.load_state_dict(state["data"])
+    if (out / "rng.pt").exists():
+        _set_rng_state(torch.load(out / "rng.pt", weights_only=False))
+    if stage.load_extra_state and state.get("stage_state") is not None:
+        stage.load_extra_state(state["stage_state"])
+    return state
+
+
+def _mfu(device: torch.device, flops_per_token: float, tok_per_s: float, world: int) -> float | None:
+    if device.type != "cuda" or not flops_per_token:
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None if peak is None else flops_per_token * tok_per_s / (peak * world)
+
+
+def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    out = Path(cfg.out)
+    rank, world, _ = distributed_context()
+    is_main = rank == 0
+    if run_dir_in_use(out) and not cfg.resume:
+        state_path = out / "trainer_state.json"
+        finished = state_path.exists() and json.loads(state_path.read_text()).get("finished")
+        raise ConfigError(f"'{out}' already holds a {'finished ' if finished else ''}run: pass --resume to "
+                          "continue it, or choose another --out (nothing was overwritten)")
+    if cfg.resume and not (out / "trainer_state.json").exists():
+        raise CheckpointError(f"cannot resume: '{out}' has no trainer_state.json")
+    device = resolve_device(cfg.device)
+    amp_dtype = resolve_dtype(cfg.dtype, device)
+    torch.manual_seed(cfg.seed + rank)
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+
+    model = stage.model.to(device)
+    n_embd = getattr(getattr(unwrap(model), "config", None), "n_embd", 0) or _guess_width(model)
+    optimizers = build_optimizers(model, cfg, n_embd)
+    start_step, tokens_seen, elapsed_before = 0, 0, 0.0
+    if cfg.resume:
+        state = _load_resume(stage, model, optimizers, out)
+        if state.get("finished"):
+            print(f"'{out}' already finished at step {state['step']}; nothing to do")
+            return TrainResult(state["step"], state["tokens"], state.get("elapsed", 0.0), state.get("last", {}))
+        start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    micro_tokens = cfg.batch_size * cfg.seq_len * world
+    accum = max(1, cfg.total_batch_tokens // micro_tokens) if cfg.total_batch_tokens else 1
+    if cfg.total_batch_tokens and cfg.total_batch_tokens % micro_tokens:
+        raise ConfigError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
+                          f"batch-size x seq-len x world = {micro_tokens}")
+    budget_s = cfg.minutes * 60
+    if not cfg.steps and not budget_s:
+        raise ConfigError("give a budget: --steps N or --minutes M")
+    log = MetricsLog(out, cfg, start_step, is_main, f"{stage.name}:{out.name}")
+    if is_main:
+        _print_plan(stage, cfg, accum, micro_tokens, world)
+
+    from tqdm import tqdm
+    total = cfg.steps if cfg.steps else int(budget_s)
+    bar = tqdm(total=total, initial=start_step if cfg.steps else int(elapsed_before), disable=not (cfg.progress and is_main),
+               desc=stage.name, unit="step" if cfg.steps else "s", dynamic_ncols=True, leave=True)
+    step, t0 = start_step, time.time()
+    last: dict = {}
+    window_tokens, window_t = 0, time.time()
+    interrupted = False
+
+    def progress() -> float:
+        p = step / cfg.steps if cfg.steps else 0.0
+        if budget_s:
+            p = max(p, (elapsed_before + time.time() - t0) / budget_s)
+        return p
+
+    def state_now(finished: bool) -> dict:
+        return {"step": step, "tokens": tokens_seen, "elapsed": elapsed_before + time.time() - t0,
+                "data": stage.batches.state_dict() if hasattr(stage.batches, "state_dict") else None,
+                "finished": finished, "last": last, "stage": stage.name}
+
+    try:
+        while progress() < 1.0 and (not cfg.steps or step < cfg.steps):
+            mult = lr_multiplier(progress(), cfg)
+            set_lr(optimizers, mult)
+            train_model.train()
+            metrics_sum: dict[str, float] = {}
+            for micro in range(accum):
+                batch = next(stage.batches)
+                sync = micro == accum - 1 or world == 1
+                ctx = train_model.no_sync() if (world > 1 and not sync) else _null()
+                with ctx, autocast(device, amp_dtype):
+                    loss, metrics = stage.loss_fn(train_model, batch)
+                (loss / accum).backward()
+                n_tok = stage.tokens_in(batch) * world
+                tokens_seen += n_tok
+                window_tokens += n_tok
+                metrics_sum["loss"] = metrics_sum.get("loss", 0.0) + float(loss.detach()) / accum
+                for k, v in metrics.items():
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
+            if cfg.grad_clip > 0:
+                gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                metrics_sum["grad_norm"] = float(gnorm)
+            if not math.isfinite(metrics_sum["loss"]):
+                raise ConfigError(f"loss became {metrics_sum['loss']} at step {step}: lower the learning rate")
+            for opt in optimizers:
+                opt.step()
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
+            step += 1
+            if stage.after_step:
+                stage.after_step(step, metrics_sum)
+            bar.n = step if cfg.steps else int(min(budget_s, elapsed_before + time.time() - t0))
+            bar.set_postfix(loss=f"{metrics_sum['loss']:.3f}", refresh=False)
+            bar.update(0)
+            done = progress() >= 1.0 or (cfg.steps and step >= cfg.steps)
+            if step % cfg.log_every == 0 or done or step == start_step + 1:
+                dt = max(1e-9, time.time() - window_t)
+                tps = window_tokens / dt
+                record = {"step": step, "tokens": tokens_seen, "lr_mult": round(mult, 5),
+                          "tok_per_s": round(tps, 1), "elapsed": round(elapsed_before + time.time() - t0, 2),
+                          **{k: round(v, 6) for k, v in metrics_sum.items()}}
+                if stage.corpus_tokens:
+                    record["epochs"] = round(tokens_seen / stage.corpus_tokens, 4)
+                mfu = _mfu(device, stage.flops_per_token, tps, world)
+                if mfu is not None:
+                    record["mfu"] = round(mfu, 4)
+                window_tokens, window_t = 0, time.time()
+                bar.set_postfix(loss=f"{metrics_sum['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=True)
+                last.update(record)
+                log.write(record)
+            if stage.evaluate and (step % cfg.eval_every == 0 or done):
+                model.eval()
+                with torch.no_grad(), autocast(device, amp_dtype):
+                    ev = stage.evaluate(model)
+                ev = {k: round(float(v), 6) for k, v in ev.items()}
+                last.update(ev)
+                log.write({"step": step, "tokens": tokens_seen, **ev})
+                if is_main:
+                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            if stage.sample and is_main and cfg.sample_every and (step % cfg.sample_every == 0 or done):
+                model.eval()
+                with torch.no_grad():
+                    bar.write(f"--- sample at step {step} ---\n{stage.sample(model)}\n---")
+            if cfg.save_every and step % cfg.save_every == 0 and not done:
+                save_checkpoint(stage, model, optimizers, out, state_now(False), is_main)
+    except KeyboardInterrupt:
+        interrupted = True
+    bar.close()
+    seconds = elapsed_before + time.time() - t0
+    last["train_seconds"] = round(seconds, 2)
+    save_checkpoint(stage, model, optimizers, out, state_now(not interrupted), is_main)
+    if interrupted:
+        print(f"\ninterrupted at step {step}; checkpoint saved to {out} (continue with --resume)")
+        raise KeyboardInterrupt
+    return TrainResult(step, tokens_seen, seconds, last, interrupted)
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _guess_width(model) -> int:
+    for p in model.parameters():
+        if p.ndim == 2:
+            return p.shape[1]
+    return 768
+
+
+def _print_plan(stage: Stage, cfg: TrainConfig, accum: int, micro_tokens: int, world: int) -> None:
+    step_tokens = micro_tokens * accum
+    lines = [f"[{stage.name}] out={cfg.out}  world={world}  batch={cfg.batch_size}x{cfg.seq_len}"
+             f"  accum={accum}  tokens/step={step_tokens:,}  optimizer={cfg.optimizer}  schedule={cfg.schedule}"]
+    if stage.n_params:
+        lines.append(f"  parameters: {stage.n_params:,}" + (f"   FLOPs/token: {stage.flops_per_token:,.0f}" if stage.flops_per_token else ""))
+    if cfg.steps:
+        planned = cfg.steps * step_tokens
+        lines.append(f"  budget: {cfg.steps} steps = {planned:,} tokens" + (f" (or {cfg.minutes} min)" if cfg.minutes else ""))
+    else:
+        lines.append(f"  budget: {cfg.minutes} minutes of training (the LR schedule follows the clock)")
+    if stage.corpus_tokens:
+        lines.append(f"  corpus: {stage.corpus_tokens:,} training tokens"
+                     + (f"; {cfg.steps * step_tokens / stage.corpus_tokens:.2f} epochs planned" if cfg.steps else ""))
+        if stage.n_params and cfg.steps:
+            lines.append(f"  tokens : parameters = {cfg.steps * step_tokens / stage.n_params:.1f} : 1 (Chinchilla ~20 : 1)")
+    print("\n".join(lines), flush=True)
