@@ -46,6 +46,9 @@ def test_load_messages_and_alpaca(tmp_path):
     assert convs[2][0]["content"] == "Say hi"
     assert convs[3][0]["content"] == "ab"
     assert len(load_conversations(path, max_examples=2)) == 2
+    with open(path, "a") as f:
+        f.write("{broken\n")
+    assert len(load_conversations(path, max_examples=4)) == 4  # the limit stops reading before the bad line
 
 
 def test_field_map_sharegpt(tmp_path):
@@ -232,6 +235,9 @@ def test_epochs_reshuffle_with_the_seed(encoded):
         while it.epoch < epochs:
             out.append(tuple(next(it)["input_ids"][0].tolist()))
         return out
+    it = ChatBatches(encoded, batch_size=4, seq_len=64, seed=0)
+    placed = sum(int(b["doc_ids"][r].max()) + 1 for b in _take(it, 12) for r in range(4))
+    assert it.epochs_done == pytest.approx(placed / len(encoded)) and it.epochs_done > 1
     a = first_rows(0, 2)
     assert len(a) == 2 * len(encoded)
     assert a[:40] != a[40:] and sorted(a[:40]) == sorted(a[40:])  # every conversation once per epoch, reordered
@@ -254,3 +260,21 @@ def test_bad_batch_configs(encoded):
         ChatBatches(encoded, batch_size=2, seq_len=64, seed=0, rank=2, world=2)
     with pytest.raises(DataError):
         ChatBatches(encoded[:1], batch_size=2, seq_len=64, seed=0, rank=0, world=2)
+
+
+def test_packed_row_gives_each_conversation_its_unpacked_loss(tok, encoded):
+    """End to end with the model: packing changes nothing a conversation sees."""
+    from gptstack.model.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_embd=32, n_head=2, n_kv_head=2,
+                          mlp_hidden=64, seq_len=64)).eval()
+    b = next(ChatBatches(encoded, batch_size=2, seq_len=64, seed=3))
+    with torch.no_grad():
+        packed = model(b["input_ids"], b["targets"], position_ids=b["position_ids"],
+                       attn_mask=block_causal_mask(b["doc_ids"]), reduction="none")
+        for r in range(2):
+            for d in range(int(b["doc_ids"][r].max()) + 1):
+                sel = b["doc_ids"][r] == d
+                alone = model(b["input_ids"][r][sel][None], b["targets"][r][sel][None], reduction="none")[0]
+                assert torch.allclose(packed[r][sel], alone, atol=1e-5)

@@ -194,7 +194,8 @@ def validate_messages(messages: Sequence[dict], need_assistant: bool = True) -> 
         raise DataError("conversation has no messages")
     roles = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ROLE_TOKENS or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLE_TOKENS \
+                or not isinstance(m.get("content"), str):
             raise DataError(f"message {i} must be an object with role system|user|assistant and string content")
         roles.append(m["role"])
     body = roles[1:] if roles[0] == "system" else roles

@@ -46,7 +46,10 @@ def _to_messages(row: dict, fm: dict) -> list[dict]:
         for i, m in enumerate(raw):
             if not isinstance(m, dict) or fm["role"] not in m or fm["content"] not in m:
                 raise DataError(f"message {i} needs '{fm['role']}' and '{fm['content']}' fields")
-            role = roles.get(m[fm["role"]], m[fm["role"]])
+            role = m[fm["role"]]
+            if not isinstance(role, str):
+                raise DataError(f"message {i} has a non-string role {role!r}")
+            role = roles.get(role, role)
             messages.append({"role": role, "content": _content(m[fm["content"]])})
     elif fm["instruction"] in row and fm["output"] in row:
         instruction, extra = row[fm["instruction"]], row.get(fm["input"]) or ""
@@ -79,13 +82,15 @@ def load_conversations(spec: str, field_map: dict | None = None, max_examples: i
     Every malformed record is a DataError naming its file and line (or dataset row)."""
     fm = _field_map(field_map)
     convs: list[list[dict]] = []
+    if max_examples is not None and max_examples < 1:
+        raise ConfigError(f"max_examples must be positive, got {max_examples}")
     for where, row in _records(spec):
-        if max_examples is not None and len(convs) >= max_examples:
-            break
         try:
             convs.append(_to_messages(row, fm))
         except DataError as e:
             raise DataError(f"{where}: {e}") from None
+        if len(convs) == max_examples:
+            break  # before reading further: lines past the limit are not our concern
     if not convs:
         raise DataError(f"'{spec}' has no conversations")
     return convs
@@ -183,11 +188,12 @@ class ChatBatches:
     `window` conversations (plain in-order filling wastes a third of a row whenever the next conversation is
     long); the oldest buffered conversation always fits an empty row, so none waits forever. The state is
     (epoch, cursor, buffer): `load_state_dict` resumes exactly. `epoch` counts the stream read into the
-    buffer, up to `window` conversations ahead of what has been trained on. State is per rank: save each one's.
+    buffer, up to `window` conversations ahead of what has been batched; `epochs_done` is exact. State is per
+    rank: save each one's.
     """
 
     def __init__(self, encoded, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1,
-                 pack: bool = True, pad_id: int = 0, window: int = 64):
+                 pack: bool = True, pad_id: int = 0, window: int = 64, device="cpu"):
         if batch_size < 1 or seq_len < 1 or window < 1:
             raise ConfigError(f"batch_size, seq_len and window must be positive, got {batch_size}, {seq_len}, {window}")
         if not 0 <= rank < world:
@@ -200,6 +206,7 @@ class ChatBatches:
                               f"encode them with max_len={seq_len + 1}")
         self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
         self.seed, self.rank, self.world, self.pack, self.pad_id = seed, rank, world, pack, pad_id
+        self.device = device
         self.window = window if pack else 1  # one per row needs no look-ahead; keeps `epoch` exact
         self.epoch, self.cursor, self.buffer = 0, 0, []
         self._order = self._epoch_order(0)
@@ -248,7 +255,13 @@ class ChatBatches:
                 used, doc = used + n, doc + 1
                 if not self.pack:
                     break
-        return {"input_ids": inputs, "targets": targets, "position_ids": positions, "doc_ids": docs}
+        batch = {"input_ids": inputs, "targets": targets, "position_ids": positions, "doc_ids": docs}
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    @property
+    def epochs_done(self) -> float:
+        """Epochs of this rank's conversations handed out in batches (the look-ahead buffer not counted)."""
+        return self.epoch + (self.cursor - len(self.buffer)) / len(self._order)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "buffer": list(self.buffer), "seed": self.seed,
