@@ -305,8 +305,6 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
-            if stage.after_step:
-                stage.after_step(step, metrics_sum)
             bar.n = step if cfg.steps else int(min(budget_s, elapsed_before + time.time() - t0))
             bar.set_postfix(loss=f"{metrics_sum['loss']:.3f}", refresh=False)
             bar.update(0)
@@ -341,6 +339,8 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
                     bar.write(f"--- sample at step {step} ---\n{stage.sample(model)}\n---")
             if cfg.save_every and step % cfg.save_every == 0 and not done:
                 save_checkpoint(stage, model, optimizers, out, state_now(False), is_main)
+            if stage.after_step:
+                stage.after_step(step, metrics_sum)
     except KeyboardInterrupt:
         interrupted = True
     bar.close()

@@ -1,0 +1,206 @@
+"""Scalar heads on the Transformer's final hidden states: reward models, PPO value heads, and the readers
+RL and DPO share (per-token log-probabilities of chosen positions, without computing logits elsewhere).
+
+    RewardModel(gpt)          r(prompt + reply) = head(h at the last real token)        -> (B,)
+    PolicyWithValue(policy)   log π(token), entropy and V(state) per response token, one trunk forward
+    reward_scorer(rm, tok)    (prompt_ids, completion_ids) -> float, for best-of-n in infer/ensemble.py
+
+Every body may be a plain GPT or a PEFT-wrapped one: PEFT injects LoRA layers into the GPT's own modules,
+so calling the core GPT's `hidden_states` runs the adapters (and `disable_adapter()` turns them off).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from .gpt import GPT, GPTConfig
+
+
+def core_gpt(model: nn.Module) -> GPT:
+    """The GPT inside PEFT / DDP / torch.compile / head wrappers."""
+    m = model
+    for _ in range(10):
+        if isinstance(m, GPT):
+            return m
+        nxt = None
+        for attr in ("_orig_mod", "module", "body", "policy", "base_model", "model"):
+            sub = m.__dict__.get("_modules", {}).get(attr)
+            if isinstance(sub, nn.Module):
+                nxt = sub
+                break
+        if nxt is None:
+            break
+        m = nxt
+    raise TypeError(f"no gptstack GPT inside {type(model).__name__}")
+
+
+class ScalarHead(nn.Module):
+    """h (…, C) -> scalar (…). The weight starts at the scale of the trunk's other input projections, so the
+    trunk receives gradient from the first step (a zero head would leave it untouched at first)."""
+
+    def __init__(self, n_embd: int, zero_init: bool = False, seed: int = 0):
+        super().__init__()
+        self.proj = nn.Linear(n_embd, 1, bias=True)
+        with torch.no_grad():
+            if zero_init:
+                self.proj.weight.zero_()
+            else:
+                g = torch.Generator().manual_seed(seed)
+                self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=g) / math.sqrt(n_embd))
+            self.proj.bias.zero_()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.proj(h.float()).squeeze(-1)
+
+
+class ValueHead(ScalarHead):
+    """Per-token state values for PPO; starts at zero so the first advantages are plain rewards-to-go."""
+
+    def __init__(self, n_embd: int):
+        super().__init__(n_embd, zero_init=True)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int = 0, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) right-padded ids and the lengths. Causal attention means padding after a row's last real token
+    never changes that row's real positions, so no attention mask is needed."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.as_tensor(list(s), dtype=torch.long)
+    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.long)
+    return (ids.to(device), lengths.to(device)) if device is not None else (ids, lengths)
+
+
+class RewardModel(nn.Module):
+    """A language-model trunk with a scalar head read at each sequence's last real token (the
+    <|assistant_end|> of the reply being judged)."""
+
+    def __init__(self, body: nn.Module, head: ScalarHead | None = None):
+        super().__init__()
+        self.body = body
+        self.head = head if head is not None else ScalarHead(core_gpt(body).config.n_embd)
+
+    @property
+    def config(self) -> GPTConfig:
+        return core_gpt(self.body).config
+
+    def forward(self, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = core_gpt(self.body).hidden_states(ids)
+        last = h[torch.arange(ids.shape[0], device=ids.device), lengths - 1]
+        return self.head(last)
+
+    @torch.no_grad()
+    def score(self, sequences: Sequence[Sequence[int]], batch_size: int = 32) -> list[float]:
+        """Rewards of whole token sequences (prompt + reply + <|assistant_end|>), batched."""
+        device = next(self.parameters()).device
+        max_len = 4 * self.config.seq_len
+        out: list[float] = []
+        for i in range(0, len(sequences), batch_size):
+            chunk = [list(s)[-max_len:] for s in sequences[i:i + batch_size]]  # keep the reply's end
+            ids, lengths = right_pad(chunk, device=device)
+            out.extend(self(ids, lengths).float().tolist())
+        return out
+
+
+def reward_scorer(rm: RewardModel, tokenizer) -> Callable[[Sequence[int], Sequence[int]], float]:
+    """The best-of-n scorer: (prompt_ids, completion_ids) -> reward. Completions from the engine stop before
+    <|assistant_end|>; the head was trained reading that token, so it is appended."""
+    end = tokenizer.assistant_end_id
+
+    def score(prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> float:
+        comp = list(completion_ids)
+        if not comp or comp[-1] != end:
+            comp.append(end)
+        return rm.score([list(prompt_ids) + comp])[0]
+
+    score.batch = lambda pairs: rm.score([list(p) + _with_end(c, end) for p, c in pairs])  # type: ignore[attr-defined]
+    return score
+
+
+def _with_end(comp: Sequence[int], end: int) -> list[int]:
+    comp = list(comp)
+    return comp if comp and comp[-1] == end else comp + [end]
+
+
+def response_logprobs(model: nn.Module, ids: torch.Tensor, resp_mask: torch.Tensor, temperature: float = 1.0,
+                      with_entropy: bool = False, with_hidden: bool = False):
+    """log π(ids[t] | ids[<t]) at the positions `resp_mask` (B, T) marks, computing logits only there
+    (prompt positions need none: with an 8 Ki vocabulary the head is a large share of a small model).
+
+    Returns a dict of (B, T) tensors, zero off the mask: `logp`, and `entropy` / hidden states `h` (the
+    states *before* each scored token, where a value head reads) on request."""
+    gpt = core_gpt(model)
+    h = gpt.hidden_states(ids)
+    B, T = ids.shape
+    sel = resp_mask[:, 1:].bool()                 # token t is predicted from position t-1
+    hs = h[:, :-1][sel]
+    logits = gpt.lm_head(hs).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
+    tgt = ids[:, 1:][sel]
+    lp = logp_all.gather(1, tgt[:, None]).squeeze(1)
+    out = {"logp": _scatter(lp, sel, B, T)}
+    if with_entropy:
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+        out["entropy"] = _scatter(ent, sel, B, T)
+    if with_hidden:
+        out["h"] = h
+    out["logits_sel"] = logits
+    return out
+
+
+def _scatter(values: torch.Tensor, sel: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    full = torch.zeros(B, T, dtype=values.dtype, device=values.device)
+    full[:, 1:][sel] = values
+    return full
+
+
+class PolicyWithValue(nn.Module):
+    """The PPO actor-critic: the policy LM and a value head sharing its trunk (one forward gives both).
+    `value_grad_to_trunk=False` detaches the trunk under the value head, so value regression never moves
+    the policy; a tiny model's policy is easily knocked about by an early, noisy critic."""
+
+    def __init__(self, policy: nn.Module, value_grad_to_trunk: bool = False):
+        super().__init__()
+        self.policy = policy
+        self.value_head = ValueHead(core_gpt(policy).config.n_embd)
+        self.value_grad_to_trunk = value_grad_to_trunk
+
+    @property
+    def config(self) -> GPTConfig:
+        return core_gpt(self.policy).config
+
+    def forward(self, ids: torch.Tensor, resp_mask: torch.Tensor, temperature: float = 1.0):
+        out = response_logprobs(self.policy, ids, resp_mask, temperature, with_entropy=True, with_hidden=True)
+        h = out.pop("h")
+        if not self.value_grad_to_trunk:
+            h = h.detach()
+        # V at position t-1 is the value of the state in which token t is chosen: align with logp
+        v = self.value_head(h[:, :-1])
+        out["values"] = torch.cat([torch.zeros_like(v[:, :1]), v], dim=1) * resp_mask.to(v.dtype)
+        return out
+
+
+# ---- persistence -----------------------------------------------------------------------------------------
+
+def save_head(head: nn.Module, path: Path, checkpoint_id: str) -> None:
+    from ..train.checkpoint import save_weights
+
+    save_weights(Path(path), head.state_dict(), {"checkpoint_id": checkpoint_id})
+
+
+def load_head(head: nn.Module, path: Path) -> None:
+    from ..errors import CheckpointError
+    from ..train.checkpoint import load_weights
+
+    state, _ = load_weights(Path(path))
+    try:
+        head.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"'{path}' does not fit this head ({str(e).splitlines()[0]})") from None

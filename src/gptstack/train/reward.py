@@ -1,0 +1,211 @@
+"""Reward modelling: an SFT model with a scalar head, trained on preference pairs with the Bradley-Terry loss.
+
+    loss = -log σ(r(prompt, chosen) - r(prompt, rejected))
+
+Chosen and rejected replies run through the trunk as one batch of 2B rows; the reward is read at each row's
+last real token (its <|assistant_end|>). Held-out pairs give the preference accuracy and mean margin.
+With --lora-rank the trunk gets LoRA adapters and the head is trained in full.
+
+The run directory is an ordinary one plus `head.safetensors` and `kind: "reward"` in config.json;
+`load_reward_model(run)` brings it back, `reward_scorer` (model/heads.py) turns it into a best-of-n scorer.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, config_to_dict, resolve_device
+from ..errors import CheckpointError, ConfigError, DataError
+from ..model.heads import RewardModel, ScalarHead, core_gpt, load_head, right_pad, save_head
+from .checkpoint import read_config
+from .losses import bradley_terry_loss
+from .loop import Stage, TrainResult, train
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    out: str = "runs/reward"
+    prefs: str = ""                # preference JSONL (DESIGN.md format)
+    max_len: int = 192             # tokens per prompt + reply; longer replies are cut
+    val_frac: float = 0.15         # held-out pairs for accuracy and margin
+    steps: int = 120
+    batch_size: int = 16           # pairs per step (2x rows)
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 40
+    log_every: int = 10
+    lora_rank: int = 0             # 0: fine-tune the whole trunk
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.prefs:
+            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
+        if not 0 <= self.val_frac < 1:
+            raise ConfigError("--val-frac must be in [0, 1)")
+        if self.max_len < 8:
+            raise ConfigError("--max-len must be at least 8")
+
+
+class PairBatches:
+    """Endless, resumable batches of preference pairs: 2B right-padded rows (B chosen, then the B rejected),
+    `resp_mask` on each final reply (+ its end token), `lengths` for reading rewards at the last token."""
+
+    def __init__(self, encoded, batch_size: int, seed: int, device="cpu"):
+        if not encoded:
+            raise DataError("no preference pairs left to train on (all skipped: prompts longer than --max-len?)")
+        self.encoded, self.batch_size, self.seed, self.device = encoded, batch_size, seed, device
+        self.epoch, self.cursor = 0, 0
+        self._order = self._perm(0)
+
+    def _perm(self, epoch: int) -> list[int]:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded)).tolist()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        idx = []
+        while len(idx) < self.batch_size:
+            idx.append(self._order[self.cursor])
+            self.cursor += 1
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+        return collate_pairs([self.encoded[i] for i in idx], self.device)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "n": len(self.encoded), "seed": self.seed}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("n") != len(self.encoded) or s.get("seed") != self.seed:
+            raise ConfigError("cannot resume: the preference data or seed changed since the checkpoint")
+        self.epoch, self.cursor = int(s["epoch"]), int(s["cursor"])
+        self._order = self._perm(self.epoch)
+
+
+def collate_pairs(items, device="cpu") -> dict:
+    seqs = [c for c, _, _, _ in items] + [r for _, _, r, _ in items]
+    masks = [cm for _, cm, _, _ in items] + [rm for _, _, _, rm in items]
+    ids, lengths = right_pad(seqs)
+    resp, _ = right_pad(masks)
+    return {"input_ids": ids.to(device), "resp_mask": resp.to(device), "lengths": lengths.to(device)}
+
+
+def split_pairs(pairs, val_frac: float, seed: int):
+    order = list(range(len(pairs)))
+    random.Random(seed).shuffle(order)
+    n_val = int(round(len(pairs) * val_frac)) if val_frac > 0 and len(pairs) >= 4 else 0
+    val = [pairs[i] for i in order[:n_val]]
+    return [pairs[i] for i in order[n_val:]], val
+
+
+def bt_loss(model: RewardModel, batch: dict):
+    r = model(batch["input_ids"], batch["lengths"])
+    B = r.shape[0] // 2
+    rc, rr = r[:B], r[B:]
+    loss = bradley_terry_loss(rc, rr)
+    return loss, {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean()),
+                  "reward_mean": float(r.mean())}
+
+
+@torch.no_grad()
+def evaluate_pairs(model: RewardModel, encoded, batch_size: int = 16) -> dict:
+    """Preference accuracy (ties count half), mean margin r_c - r_r and loss on encoded pairs."""
+    if not encoded:
+        return {}
+    device = next(model.parameters()).device
+    margins = []
+    for i in range(0, len(encoded), batch_size):
+        b = collate_pairs(encoded[i:i + batch_size], device)
+        r = model(b["input_ids"], b["lengths"]).float()
+        n = r.shape[0] // 2
+        margins.append(r[:n] - r[n:])
+    m = torch.cat(margins)
+    acc = (m > 0).float() + 0.5 * (m == 0).float()
+    return {"val_accuracy": float(acc.mean()), "val_margin": float(m.mean()),
+            "val_loss": float(-torch.nn.functional.logsigmoid(m).mean()), "val_pairs": float(len(encoded))}
+
+
+# ---- persistence -------------------------------------------------------------------------------------------
+
+def save_reward(model: RewardModel, run_dir: Path, cid: str) -> None:
+    from .rl import save_policy
+
+    save_policy(model.body, run_dir, cid)
+    save_head(model.head, run_dir / "head.safetensors", cid)
+
+
+def load_reward_state(model: RewardModel, run_dir: Path) -> None:
+    from .rl import load_policy_state
+
+    load_policy_state(model.body, run_dir)
+    load_head(model.head, run_dir / "head.safetensors")
+
+
+def load_reward_model(run_dir, device="cpu") -> tuple[RewardModel, object, dict]:
+    """(reward model, tokenizer, config) from a `gptstack reward` run directory."""
+    from .checkpoint import load_model
+
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise CheckpointError(f"reward model run '{run}' does not exist: train one with `gptstack reward`")
+    config = read_config(run)
+    if config.get("kind") != "reward" or not (run / "head.safetensors").exists():
+        raise CheckpointError(f"'{run}' is not a reward-model run (config.json kind is {config.get('kind')!r}, "
+                              "and a head.safetensors is needed): train one with `gptstack reward`")
+    body, tok, config = load_model(run, device)
+    rm = RewardModel(body, ScalarHead(core_gpt(body).config.n_embd)).to(device)
+    load_head(rm.head, run / "head.safetensors")
+    rm.eval()
+    for p in rm.parameters():
+        p.requires_grad_(False)
+    return rm, tok, config
+
+
+# ---- the stage ---------------------------------------------------------------------------------------------
+
+def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
+    """Train a reward model on `cfg.prefs`, starting from the LM in `sft_run`."""
+    from ..data.preference import encode_pairs, load_preferences
+    from .rl import load_trainable_policy
+
+    cfg.validate()
+    pairs = load_preferences(cfg.prefs)
+    device = resolve_device(cfg.device)
+    body, tok, parent_cfg = load_trainable_policy(sft_run, cfg.lora_rank, cfg.lora_alpha, device)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
+    enc_train, st_train = encode_pairs(tok, train_pairs, cfg.max_len)
+    enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
+    print(f"preferences: {len(pairs)} pairs -> {st_train['kept']} train, {st_val['kept']} held out "
+          f"({st_train['truncated'] + st_val['truncated']} truncated, {st_train['skipped'] + st_val['skipped']} "
+          f"skipped: prompt longer than --max-len {cfg.max_len})")
+    torch.manual_seed(cfg.seed)
+    rm = RewardModel(body, ScalarHead(core_gpt(body).config.n_embd, seed=cfg.seed)).to(device)
+    batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
+    cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
+    run_config = {"kind": "reward", "stage": "reward", "model": core_gpt(body).config.to_dict(),
+                  "train": config_to_dict(cfg), "parent_run": _base_weights_run(sft_run, cfg.lora_rank),
+                  "source_run": str(sft_run), "tokenizer_fingerprint": tok.fingerprint(),
+                  "data": {"pairs": len(pairs), "train_pairs": st_train["kept"], "val_pairs": st_val["kept"]}}
+    stage = Stage(name="reward", model=rm, batches=batches, loss_fn=bt_loss, run_config=run_config, tokenizer=tok,
+                  save=save_reward, load=load_reward_state,
+                  evaluate=(lambda m: evaluate_pairs(m, enc_val)) if enc_val else None,
+                  tokens_in=lambda b: int(b["lengths"].sum()),
+                  n_params=sum(p.numel() for p in rm.parameters() if p.requires_grad))
+    return train(stage, cfg)
+
+
+def _base_weights_run(run, lora_rank: int):
+    """The run whose model.safetensors a LoRA-only run is applied to (recorded as parent_run)."""
+    from .rl import base_weights_run
+
+    return base_weights_run(run) if lora_rank else str(run)

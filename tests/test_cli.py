@@ -1,0 +1,96 @@
+"""The CLI end to end at tiny scale, and every bad input exits 2 with one line and nothing overwritten."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from gptstack.cli import main
+
+TINY = ["--vocab-size", "320", "--depth", "2", "--n-embd", "64", "--seq-len", "32", "--batch-size", "4",
+        "--total-batch-tokens", "0", "--minutes", "0", "--eval-every", "5", "--eval-tokens", "256", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus_dir):
+    out = tmp_path_factory.mktemp("cli") / "base"
+    assert main(["pretrain", "--corpus", str(corpus_dir), "--steps", "10", "--out", str(out)] + TINY) == 0
+    return out
+
+
+def test_pretrain_writes_a_complete_run(tiny_run):
+    names = {p.name for p in tiny_run.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer", "trainer_state.json", "optimizer.pt",
+            "metrics.jsonl"} <= names
+    assert (tiny_run / "tokenizer" / "tokenizer.json").exists()
+    state = json.loads((tiny_run / "trainer_state.json").read_text())
+    assert state["finished"] and state["step"] == 10
+    evals = [json.loads(l) for l in (tiny_run / "metrics.jsonl").read_text().splitlines() if "val_bpb" in l]
+    assert evals and 0 < evals[-1]["val_bpb"] < 10
+
+
+def test_sample_streams_and_bpb(tiny_run, tmp_path, capsys):
+    assert main(["sample", str(tiny_run), "--prompt", "The king", "--max-tokens", "8", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.startswith("The king")
+    text = tmp_path / "t.txt"
+    text.write_text("The queen hath spoken, sweet lord.\n" * 20)
+    assert main(["bpb", str(tiny_run), str(text), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["val_bpb"] > 0 and result["bytes"] == len(text.read_bytes())
+
+
+def test_tokenizer_commands(tiny_run, capsys):
+    assert main(["tokenizer", "info", str(tiny_run), "--text", "hello world", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["vocab_size"] == 320 and info["bytes_per_token"] > 0
+    assert main(["tokenizer", "encode", str(tiny_run), "--text", "hi", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_console_script_help_is_fast_and_works():
+    exe = os.path.join(os.path.dirname(sys.executable), "gptstack")
+    r = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "pretrain" in r.stdout
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_inputs_exit_2_with_one_line(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        ["pretrain", "--corpus", str(tmp_path / "missing"), "--out", str(tmp_path / "x")] + TINY,
+        ["pretrain", "--corpus", str(empty), "--out", str(tmp_path / "y")] + TINY,
+        ["sample", str(tmp_path), "--prompt", "x"],
+        ["sample", str(tiny_run), "--prompt", ""],
+        ["sample", str(tiny_run), "--prompt", "word " * 400],
+        ["bpb", str(tiny_run), str(tmp_path / "nope.txt")],
+        ["bpb", str(tiny_run), str(empty)],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        _err(capsys)
+
+
+def test_existing_run_is_not_overwritten(tiny_run, corpus_dir, capsys):
+    before = (tiny_run / "model.safetensors").read_bytes()
+    assert main(["pretrain", "--corpus", str(corpus_dir), "--steps", "2", "--out", str(tiny_run)] + TINY) == 2
+    assert "--resume" in _err(capsys)
+    assert (tiny_run / "model.safetensors").read_bytes() == before
+
+
+def test_corrupt_checkpoint(tiny_run, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_run, bad)
+    data = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(data[:100])
+    assert main(["sample", str(bad), "--prompt", "x"]) == 2
+    assert "corrupt" in _err(capsys)
