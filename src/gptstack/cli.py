@@ -171,8 +171,111 @@ def register_sft_commands(sub) -> None:
 # ---- alignment commands: preferences, reward, rl, dpo, distill (train/reward.py, rl.py, dpo.py, distill.py)
 
 
+def _print_last(result, keys) -> None:
+    last = result.last
+    shown = "  ".join(f"{k} {last[k]:.4f}" for k in keys if k in last)
+    print(f"\ndone: {result.steps} steps in {result.seconds / 60:.1f} min" + (f"; {shown}" if shown else ""))
+
+
+def cmd_preferences(args) -> None:
+    from .train.reward import build_preferences
+
+    _, stats = build_preferences(args.run, args.tasks, args.samples_per_prompt, args.n_prompts, args.out,
+                                 args.temperature, args.max_new_tokens, args.seed, device=args.device)
+    print(f"{stats['prompts']} prompts x {args.samples_per_prompt} samples (mean task score "
+          f"{stats['mean_score']:.3f}): {stats['pairs']} pairs, {stats['ties']} prompts skipped (all replies "
+          f"tied) -> {args.out}")
+
+
+def cmd_reward(args) -> None:
+    from .train.reward import RewardConfig, train_reward
+
+    result = train_reward(args.run, config_from_args(RewardConfig, args))
+    _print_last(result, ("val_accuracy", "val_margin", "val_loss", "accuracy"))
+
+
+def cmd_rl(args) -> None:
+    from .train.rl import RLConfig, train_rl
+
+    result = train_rl(args.run, config_from_args(RLConfig, args))
+    _print_last(result, ("reward", "task_accuracy", "kl", "entropy", "eval_accuracy"))
+
+
+def cmd_dpo(args) -> None:
+    from .train.dpo import DPOConfig, train_dpo
+
+    result = train_dpo(args.run, config_from_args(DPOConfig, args))
+    _print_last(result, ("val_accuracy", "val_reward_margin", "val_reward_chosen", "val_reward_rejected"))
+
+
+def cmd_distill(args) -> None:
+    from .train.distill import DistillConfig, distill
+
+    result = distill(args.run, config_from_args(DistillConfig, args))
+    _print_last(result, ("loss", "reverse_kl", "task_accuracy", "eval_accuracy"))
+
+
+def cmd_align_eval(args) -> None:
+    """Held-out greedy accuracy, mean policy entropy and KL to a reference for each run: the alignment table."""
+    from .config import resolve_device
+    from .train.checkpoint import load_model
+    from .train.rl import evaluate_policy, task_examples
+
+    device = resolve_device(args.device)
+    ref = load_model(args.ref, device)[0] if args.ref else None
+    n_tasks = len(args.tasks.split(","))
+    examples = task_examples(args.tasks, "test", args.n * n_tasks, args.seed)
+    rows = {}
+    for run in args.runs:
+        model, tok, _ = load_model(run, device)
+        rows[run] = evaluate_policy(model, tok, examples, ref, args.max_new_tokens, args.seed)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'run':<28} {'accuracy':>9} {'KL to ref':>10} {'entropy':>8}  per task")
+    for run, r in rows.items():
+        per = "  ".join(f"{k[4:]} {v:.3f}" for k, v in r.items() if k.startswith("acc_"))
+        print(f"{run:<28} {r['accuracy']:>9.3f} {r.get('kl_to_ref', float('nan')):>10.3f} {r['entropy']:>8.3f}  {per}")
+
+
 def register_align_commands(sub) -> None:
-    pass
+    from .train.distill import DistillConfig
+    from .train.dpo import DPOConfig
+    from .train.reward import RewardConfig
+    from .train.rl import RLConfig
+
+    p = sub.add_parser("preferences", help="sample K replies per task prompt and rank them into preference pairs")
+    p.add_argument("run", help="the (SFT) run to sample from")
+    p.add_argument("--tasks", default="arithmetic_direct,spelling")
+    p.add_argument("--samples-per-prompt", type=int, default=4)
+    p.add_argument("--n-prompts", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="preference JSONL to write")
+    p.set_defaults(func=cmd_preferences)
+
+    for name, cls, func, help_ in (
+            ("reward", RewardConfig, cmd_reward, "train a reward model (Bradley-Terry) on preference pairs"),
+            ("rl", RLConfig, cmd_rl, "PPO or GRPO on task prompts with composed rewards (task, rm:, semantic, teacher:)"),
+            ("dpo", DPOConfig, cmd_dpo, "direct preference optimisation (sigmoid or IPO) against a frozen reference"),
+            ("distill", DistillConfig, cmd_distill, "distil a teacher into a student, offline or on-policy")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("run", help="the run to start from (the student, for distill)")
+        add_config_flags(p, cls)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("align-eval", help="held-out task accuracy, KL to a reference and entropy of runs")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--ref", default="", help="reference run for the KL column (usually the SFT run)")
+    p.add_argument("--tasks", default="arithmetic_direct,spelling")
+    p.add_argument("--n", type=int, default=64, help="held-out prompts per task")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_align_eval)
 
 
 # ---- inference commands: chat, generate, index (infer/) ----------------------------------------------------

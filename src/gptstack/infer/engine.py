@@ -8,27 +8,38 @@ How a batch runs: prompts are left-padded to a common length and prefilled in on
 masked out and every row's positions start at 0); the cache is then repeated n times so n samples of a
 prompt share its prefill; each decode step feeds one token per *unfinished* row — finished rows are dropped
 from the cache, so no work is spent on them. Rows stop on their own: a stop token, a stop string, max tokens,
-or a hook (e.g. a grammar) that says the output is complete.
+the end of the context, or a hook (e.g. a grammar) that says the output is complete.
+
+Text is detokenized incrementally (an incremental UTF-8 decoder per row, so a character split across tokens
+is never shown half, and each step costs O(1) rather than re-decoding the whole completion). Streamed text
+holds back a tail that could still become a stop string, so the deltas always concatenate to the final text.
 
 Hooks (`LogitsHook`) see and may change each step's logits and learn which token each row took: constrained
-decoding, base-model mixing and similar ideas plug in here without touching the loop. `Session` keeps one
-sequence's cache across calls, so a chat never re-prefills its history.
+decoding, base-model mixing and similar ideas plug in here without touching the loop. A hook may also define
+`begin(prompts, n)` to see the prompt ids first (a hook that runs a model of its own prefills from them).
+`Session` keeps one sequence's cache across calls, so a chat never re-prefills its history.
+
+The context is the model's trained `seq_len` unless `context=` asks for more (up to the 4x its RoPE tables
+cover): a prompt that does not fit is a PromptError, and generation stops with finish_reason "length" when
+the context is full.
 """
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
 from ..config import autocast, resolve_dtype
-from ..errors import PromptError
+from ..errors import ConfigError, PromptError
 from ..model.gpt import KVCache
 from .sampling import SamplingParams, sample_next
 
 
 class LogitsHook(Protocol):
+    """`rows` are the generation rows (prompt_index * n + sample_index) of the logits' rows, in order."""
     def start(self, n_rows: int) -> None: ...
     def process(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
     def accept(self, rows: torch.Tensor, tokens: torch.Tensor) -> None: ...
@@ -41,21 +52,75 @@ class Completion:
     sample_index: int
     tokens: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str = ""          # "stop" (stop token/string or hook), "length"
+    finish_reason: str = ""          # "stop" (stop token/string or hook), "length" (max tokens or context)
     logprobs: list[float] | None = None
 
 
 @dataclass
 class Event:
-    """One generated token: which row, the token, and the new text it added (for streaming)."""
+    """One generated token of one row and the text it released (`delta`, possibly empty). The last event of a
+    row has `finish_reason` set; when a stop token ended the row, `token` is that stop token (it is not part
+    of the completion) and `delta` flushes any text held back."""
     row: int
     token: int
     delta: str
+    finish_reason: str = ""
+
+
+class _Detok:
+    """Incremental detokenizer with stop strings for one row."""
+
+    __slots__ = ("decoder", "text", "emitted", "stops", "max_stop")
+
+    def __init__(self, stops: Sequence[str]):
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+        self.emitted = 0
+        self.stops = list(stops)
+        self.max_stop = max((len(s) for s in stops), default=0)
+
+    def push(self, data: bytes) -> tuple[str, bool]:
+        """Add a token's bytes; returns (text released for streaming, stop string hit)."""
+        new = self.decoder.decode(data)
+        if not new:
+            return "", False
+        old_len = len(self.text)
+        self.text += new
+        if self.stops:
+            start = max(0, old_len - self.max_stop + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                return self.flush(), True
+            safe = len(self.text) - self._held_back()
+        else:
+            safe = len(self.text)
+        delta = self.text[self.emitted:safe]
+        self.emitted = max(self.emitted, safe)
+        return delta, False
+
+    def _held_back(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of some stop string."""
+        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+    def flush(self) -> str:
+        delta = self.text[self.emitted:]
+        self.emitted = len(self.text)
+        return delta
+
+    def finish(self) -> str:
+        """End of the row: a dangling partial character becomes U+FFFD; returns what was not yet released."""
+        self.text += self.decoder.decode(b"", final=True)
+        return self.flush()
 
 
 class Engine:
     def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str | None = None,
-                 dtype: str = "auto"):
+                 dtype: str = "auto", context: int | None = None, compile: bool = False):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -64,51 +129,66 @@ class Engine:
         self.cache_dtype = self.amp_dtype or next(model.parameters()).dtype
         if self.cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             self.cache_dtype = torch.float32   # quantized weights still keep a float cache
-
-    @property
-    def max_context(self) -> int:
-        return self.config.seq_len * 4  # RoPE tables cover 4x the training context
+        limit = 4 * self.config.seq_len        # RoPE tables cover 4x the training context
+        if context is not None and not 1 < context <= limit:
+            raise ConfigError(f"context must be in 2..{limit} (4x the trained {self.config.seq_len}), got {context}")
+        self.max_context = context or self.config.seq_len
+        # torch.compile of the decode step (one token per row; dynamic shapes as the cache grows). Worth it on
+        # GPUs, where per-op launch overhead dominates small models; prefill stays eager.
+        self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
+        self._token_bytes: list[bytes] | None = None
 
     def default_stop_ids(self) -> list[int]:
         return [self.tokenizer.assistant_end_id, self.tokenizer.bos_id]
 
+    def token_bytes(self, tok: int) -> bytes:
+        if self._token_bytes is None:  # one table, built once: decode is then a list lookup per token
+            self._token_bytes = [self.tokenizer.decode_bytes([i]) for i in range(self.config.vocab_size)]
+        return self._token_bytes[tok]
+
     # ---- the core loop ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _forward(self, ids, cache, position_ids, new_valid=None):
+    def _forward(self, ids, cache, position_ids, new_valid=None, decode: bool = False):
+        model = self._decode_model if decode else self.model
         with autocast(self.device, self.amp_dtype):
-            return self.model(ids, kv_cache=cache, position_ids=position_ids, new_valid=new_valid,
-                              last_only=True)[:, -1].float()
+            return model(ids, kv_cache=cache, position_ids=position_ids, new_valid=new_valid,
+                         last_only=True)[:, -1].float()
 
-    def _check_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> None:
+    def check_prompts(self, prompts: Sequence[Sequence[int]]) -> None:
         if not prompts:
             raise PromptError("no prompts given")
         for i, p in enumerate(prompts):
             if len(p) == 0:
-                raise PromptError(f"prompt {i} is empty")
-            if len(p) + 1 > self.max_context:
-                raise PromptError(f"prompt {i} has {len(p)} tokens, longer than the model's context "
-                                  f"({self.max_context}); shorten it")
+                raise PromptError(f"prompt {i} is empty: give some text to continue")
+            if len(p) >= self.max_context:
+                raise PromptError(f"prompt {i} has {len(p)} tokens, which leaves no room in the model's "
+                                  f"{self.max_context}-token context; shorten it")
+            if min(p) < 0 or max(p) >= self.config.vocab_size:
+                raise PromptError(f"prompt {i} has token ids outside the vocabulary (0..{self.config.vocab_size - 1})")
 
     @torch.no_grad()
     def events(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                hooks: Sequence[LogitsHook] = (), out: list[list[Completion]] | None = None) -> Iterator[Event]:
         """Run generation, yielding an Event per generated token; fills `out[prompt][sample]`."""
         params.validate()
-        self._check_prompts(prompts, params.max_tokens)
+        self.check_prompts(prompts)
         n_prompts, n = len(prompts), params.n
         longest = max(len(p) for p in prompts)
         max_new = min(params.max_tokens, self.max_context - longest)
         cache = KVCache(self.config, n_prompts, longest + max_new, self.device, self.cache_dtype)
-        ids = torch.zeros(n_prompts, longest, dtype=torch.long, device=self.device)
-        valid = torch.zeros(n_prompts, longest, dtype=torch.bool, device=self.device)
+        ids = torch.zeros(n_prompts, longest, dtype=torch.long)
+        valid = torch.zeros(n_prompts, longest, dtype=torch.bool)
         for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.tensor(list(p), device=self.device)
+            ids[i, longest - len(p):] = torch.as_tensor(list(p))
             valid[i, longest - len(p):] = True
+        ids, valid = ids.to(self.device), valid.to(self.device)
+        padded = not bool(valid.all())
         pad = (~valid).sum(dim=1)
         positions = (torch.arange(longest, device=self.device)[None, :] - pad[:, None]).clamp(min=0)
-        logits = self._forward(ids, cache, positions, new_valid=valid)
+        logits = self._forward(ids, cache, positions, new_valid=valid if padded else None)
         cache.expand(n)
-        logits = logits.repeat_interleave(n, dim=0)
+        if n > 1:
+            logits = logits.repeat_interleave(n, dim=0)
         next_pos = (longest - pad).repeat_interleave(n)
 
         rows = n_prompts * n
@@ -119,64 +199,63 @@ class Engine:
         if params.logprobs:
             for c in flat:
                 c.logprobs = []
-        stop_ids = torch.tensor(params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids(),
-                                device=self.device)
-        gen = None
-        if params.seed is not None:
-            gen = torch.Generator(device=self.device).manual_seed(params.seed)
-        penalties = params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty
-        counts = torch.zeros(rows, logits.size(-1), device=self.device) if penalties else None
+        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids())
+        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
+        counts = torch.zeros(rows, logits.size(-1), device=self.device) if params.uses_penalties() else None
         for h in hooks:
+            if hasattr(h, "begin"):
+                h.begin([list(p) for p in prompts], n)
             h.start(rows)
+        detok = [_Detok(params.stop) for _ in range(rows)]
         active = torch.arange(rows, device=self.device)   # row ids still generating, in cache order
-        texts = [""] * rows
+        active_list = list(range(rows))
         for step in range(max_new):
+            raw = logits
+            if hooks and params.logprobs:
+                logits = logits.clone()
             for h in hooks:
                 logits = h.process(logits, active)
             tok = sample_next(logits, params, gen, counts[active] if counts is not None else None)
             if params.logprobs:
-                lp = torch.log_softmax(logits, dim=-1).gather(1, tok[:, None]).squeeze(1)
+                lp = (raw.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)).tolist()
             for h in hooks:
                 h.accept(active, tok)
             keep = []
-            tok_list, active_list = tok.tolist(), active.tolist()
-            stop_hit = torch.isin(tok, stop_ids).tolist()
+            tok_list = tok.tolist()
+            last = step == max_new - 1
             for k, (r, t) in enumerate(zip(active_list, tok_list)):
-                c = flat[r]
-                if stop_hit[k]:
+                c, d = flat[r], detok[r]
+                if t in stop_ids:
                     c.finish_reason = "stop"
+                    yield Event(r, t, d.finish(), "stop")
                     continue
                 c.tokens.append(t)
                 if params.logprobs:
-                    c.logprobs.append(float(lp[k]))
-                if counts is not None:
-                    counts[r, t] += 1
-                text = _safe_decode(self.tokenizer, c.tokens)
-                delta = text[len(texts[r]):] if text.startswith(texts[r]) else text
-                texts[r] = text
-                hit = _find_stop(text, params.stop)
-                if hit is not None:
-                    texts[r] = text[:hit]
+                    c.logprobs.append(lp[k])
+                delta, hit = d.push(self.token_bytes(t))
+                if hit or any(h.finished(r) for h in hooks):
                     c.finish_reason = "stop"
-                    yield Event(r, t, delta[:max(0, len(delta) - (len(text) - hit))])
+                elif last:
+                    c.finish_reason = "length"
+                else:
+                    keep.append(k)
+                    if delta:
+                        yield Event(r, t, delta)
                     continue
-                yield Event(r, t, delta)
-                if any(h.finished(r) for h in hooks):
-                    c.finish_reason = "stop"
-                    continue
-                keep.append(k)
+                yield Event(r, t, delta + d.finish(), c.finish_reason)
+            if counts is not None:
+                counts[active, tok] += 1
             if not keep:
                 break
             if len(keep) < len(active_list):
                 sel = torch.tensor(keep, device=self.device)
                 cache.select(sel)
                 active, tok, next_pos = active[sel], tok[sel], next_pos[sel]
-            logits = self._forward(tok[:, None], cache, next_pos[:, None])
+                active_list = [active_list[k] for k in keep]
+            logits = self._forward(tok[:, None], cache, next_pos[:, None], decode=True)
             next_pos = next_pos + 1
         for r, c in enumerate(flat):
-            if not c.finish_reason:
-                c.finish_reason = "length"
-            c.text = texts[r]
+            c.text = detok[r].text
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | None = None,
                  hooks: Sequence[LogitsHook] = ()) -> list[list[Completion]]:
@@ -187,10 +266,10 @@ class Engine:
 
     def stream(self, prompt: Sequence[int], params: SamplingParams | None = None,
                hooks: Sequence[LogitsHook] = ()) -> Iterator[str]:
-        """Text deltas of one sample of one prompt, as they are generated."""
+        """Text deltas of one sample of one prompt, as they are generated; they concatenate to the final text."""
         params = params or SamplingParams()
         if params.n != 1:
-            raise PromptError("stream() makes one sample; use generate() for n > 1")
+            raise ConfigError("stream() makes one sample; use generate() for n > 1")
         for ev in self.events([prompt], params, hooks):
             if ev.delta:
                 yield ev.delta
@@ -207,7 +286,8 @@ class Engine:
 class Session:
     """One growing sequence with its KV cache kept between calls: `append` new tokens (prefilled in one
     chunk), `generate` a reply that is itself kept in the cache. Chat uses this so each turn only prefills
-    the new user message."""
+    the new user message. `truncate(n)` rolls the sequence back to its first n tokens (the cache beyond is
+    simply overwritten later), which is how an interrupted or trimmed turn is undone without a re-prefill."""
 
     def __init__(self, engine: Engine, max_len: int):
         self.engine = engine
@@ -228,43 +308,71 @@ class Session:
             raise PromptError(f"{len(ids)} new tokens do not fit in the {self.free} left of the context")
         x = torch.tensor([list(ids)], device=self.engine.device)
         pos = torch.arange(len(self.tokens), len(self.tokens) + len(ids), device=self.engine.device)[None]
-        self._logits = self.engine._forward(x, self.cache, pos)
+        self._logits = self.engine._forward(x, self.cache, pos, decode=len(ids) == 1)
         self.tokens.extend(ids)
 
     @torch.no_grad()
-    def generate(self, params: SamplingParams, on_delta: Callable[[str], None] | None = None) -> Completion:
-        """Sample a reply after the current tokens; its tokens (and the stop token) join the sequence."""
+    def generate(self, params: SamplingParams, on_delta: Callable[[str], None] | None = None,
+                 hooks: Sequence[LogitsHook] = ()) -> Completion:
+        """Sample a reply after the current tokens; its tokens (and the stop token) join the sequence.
+        Hooks see the whole sequence so far as their prompt."""
         params.validate()
+        if params.n != 1:
+            raise ConfigError("a session generates one sample at a time (n=1)")
         if self._logits is None:
             raise PromptError("append a prompt before generating")
         stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.engine.default_stop_ids())
         gen = torch.Generator(device=self.engine.device).manual_seed(params.seed) if params.seed is not None else None
-        c = Completion(0, 0)
-        text = ""
+        counts = torch.zeros(1, self._logits.size(-1), device=self.engine.device) if params.uses_penalties() else None
+        rows = torch.zeros(1, dtype=torch.long, device=self.engine.device)
+        for h in hooks:
+            if hasattr(h, "begin"):
+                h.begin([list(self.tokens)], 1)
+            h.start(1)
+        c = Completion(0, 0, logprobs=[] if params.logprobs else None)
+        d = _Detok(params.stop)
         for _ in range(min(params.max_tokens, self.free - 1)):
-            tok = int(sample_next(self._logits, params, gen)[0])
+            raw = self._logits
+            logits = raw.clone() if hooks and params.logprobs else raw
+            for h in hooks:
+                logits = h.process(logits, rows)
+            tok_t = sample_next(logits, params, gen, counts)
+            for h in hooks:
+                h.accept(rows, tok_t)
+            tok = int(tok_t[0])
+            if params.logprobs:
+                c.logprobs.append(float(raw[0, tok] - torch.logsumexp(raw[0], dim=-1)))
             self.append([tok])
             if tok in stop_ids:
                 c.finish_reason = "stop"
                 break
             c.tokens.append(tok)
-            new = _safe_decode(self.engine.tokenizer, c.tokens)
-            if on_delta and new.startswith(text) and len(new) > len(text):
-                on_delta(new[len(text):])
-            text = new
-            hit = _find_stop(text, params.stop)
-            if hit is not None:
-                text, c.finish_reason = text[:hit], "stop"
+            if counts is not None:
+                counts[0, tok] += 1
+            delta, hit = d.push(self.engine.token_bytes(tok))
+            if on_delta and delta:
+                on_delta(delta)
+            if hit or any(h.finished(0) for h in hooks):
+                c.finish_reason = "stop"
                 break
         c.finish_reason = c.finish_reason or "length"
-        c.text = text
+        rest = d.finish()
+        if on_delta and rest:
+            on_delta(rest)
+        c.text = d.text
         return c
 
-    def reset(self) -> None:
-        self.cache.pos = 0
-        self.cache.valid.zero_()
-        self.tokens.clear()
+    def truncate(self, n: int) -> None:
+        """Keep only the first n tokens (n >= 1); the next append recomputes the logits from there."""
+        if not 0 <= n <= len(self.tokens):
+            raise ValueError(f"cannot truncate a {len(self.tokens)}-token session to {n}")
+        self.cache.pos = n
+        self.cache.valid[:, n:] = False
+        del self.tokens[n:]
         self._logits = None
+
+    def reset(self) -> None:
+        self.truncate(0)
 
 
 def _base_config(model):
@@ -277,21 +385,3 @@ def _base_config(model):
         if m is None:
             break
     raise TypeError("Engine needs a gptstack GPT (or a wrapper around one)")
-
-
-def _safe_decode(tokenizer, tokens: list[int]) -> str:
-    """Decode, holding back a trailing partial UTF-8 character so streamed text never shows U+FFFD."""
-    text = tokenizer.decode(tokens)
-    if text.endswith("\ufffd"):
-        data = tokenizer.decode_bytes(tokens)
-        for cut in range(1, 4):
-            try:
-                return data[:-cut].decode("utf-8")
-            except UnicodeDecodeError:
-                continue
-    return text
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    hits = [text.find(s) for s in stops if s in text]
-    return min(hits) if hits else None

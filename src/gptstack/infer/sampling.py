@@ -46,6 +46,11 @@ class SamplingParams:
             raise ConfigError("repetition_penalty must be positive")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ConfigError("stop sequences must be non-empty strings")
+        if self.stop_token_ids is not None and any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ConfigError("stop token ids must be non-negative integers")
+
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or bool(self.presence_penalty)
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
@@ -84,9 +89,24 @@ def filter_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None,
                 counts: torch.Tensor | None = None) -> torch.Tensor:
-    """One token per row from (R, V) logits (already masked by any constraint)."""
+    """One token per row from (R, V) logits (already masked by any constraint).
+
+    With top-k set, min-p and top-p work on the k candidates only (topk returns them sorted), so a step costs
+    one O(V) pass instead of a full-vocabulary sort and softmaxes; the distribution is the one
+    `filter_logits` describes (up to ties at the k-th value, where exactly k are kept)."""
     logits = apply_penalties(logits.float(), counts, p)
     if p.temperature == 0:
         return logits.argmax(dim=-1)
+    if p.top_k and p.top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, p.top_k, dim=-1)
+        vals = vals / max(p.temperature, 1e-6)
+        if p.min_p > 0:
+            probs = torch.softmax(vals, dim=-1)
+            vals = vals.masked_fill(probs < probs[..., :1] * p.min_p, float("-inf"))
+        if p.top_p < 1.0:
+            probs = torch.softmax(vals, dim=-1)
+            vals = vals.masked_fill(probs.cumsum(dim=-1) - probs > p.top_p, float("-inf"))
+        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
+        return idx.gather(-1, choice).squeeze(-1)
     probs = torch.softmax(filter_logits(logits, p), dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

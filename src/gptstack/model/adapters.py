@@ -117,6 +117,10 @@ def quantize_4bit(model: nn.Module, quant_type: str = "nf4", compute_dtype: torc
                 if child.bias is not None:
                     q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
                 q = q.to(device)  # quantization happens on the move (bitsandbytes' convention)
+                # On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights for a bf16 kernel the first time
+                # an eval-mode layer runs without grad: inference would then compute in bf16, unlike training.
+                # Keep one numeric path (dequantize to fp32, matmul) so eval sees what the adapter learned on.
+                q.support_avx512bf16_for_cpu = False
                 if replaced == 0:  # one smoke forward: a backend without 4-bit kernels fails here, clearly
                     q(torch.zeros(1, child.in_features, device=device, dtype=compute_dtype))
             except DependencyError:
@@ -141,6 +145,11 @@ def dequantize_4bit_(model: nn.Module) -> nn.Module:
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, bnb.nn.Linear4bit):
+                if getattr(child.weight.quant_state, "packing_format_for_cpu", False):
+                    from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+                    child.weight.data, child.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                        child.weight.data, child.weight.quant_state)
                 w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
                 lin = nn.Linear(w.shape[1], w.shape[0], bias=child.bias is not None, device=w.device)
                 lin.weight.copy_(w)

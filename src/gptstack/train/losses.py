@@ -115,9 +115,10 @@ def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = Tru
     if rewards.shape[1] < 2:
         raise ValueError("group advantages need at least 2 samples per prompt")
     std = rewards.std(dim=1, keepdim=True)
-    zero = int((std.squeeze(1) < 1e-8).sum())
+    flat = std < 1e-8
     adv = centred / (std + eps) if scale else centred
-    return adv, zero
+    adv = torch.where(flat, torch.zeros_like(adv), adv)
+    return adv, int(flat.sum())
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -209,3 +209,45 @@ def _base_weights_run(run, lora_rank: int):
     from .rl import base_weights_run
 
     return base_weights_run(run) if lora_rank else str(run)
+
+
+# ---- preference data from the SFT model's own samples --------------------------------------------------------
+
+def build_preferences(run, tasks: str, samples_per_prompt: int = 4, n_prompts: int = 256, out: str | None = None,
+                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_prompts: int = 32,
+                      device: str = "auto"):
+    """Sample K replies per task prompt from `run` (one batched engine call per `batch_prompts` prompts), rank
+    them by the task checker, and pair the best with the worst. Prompts whose K replies all score the same
+    carry no preference and are skipped (counted). Returns (pairs, stats); writes JSONL to `out` if given."""
+    from ..data.preference import PreferencePair, save_preferences
+    from ..data.tasks import check_example
+    from .checkpoint import load_model
+    from .rl import sample_rollout, task_examples
+
+    if samples_per_prompt < 2:
+        raise ConfigError(f"--samples-per-prompt must be at least 2 to rank replies, got {samples_per_prompt}")
+    if n_prompts < 1:
+        raise ConfigError("--n-prompts must be at least 1")
+    model, tok, _ = load_model(run, resolve_device(device))
+    examples = task_examples(tasks, "train", n_prompts, seed)[:n_prompts]
+    pairs, stats = [], {"prompts": 0, "pairs": 0, "ties": 0, "mean_score": 0.0}
+    total = 0.0
+    from tqdm import tqdm
+    for i in tqdm(range(0, len(examples), batch_prompts), desc="preferences", unit="batch", leave=False):
+        chunk = examples[i:i + batch_prompts]
+        _, results = sample_rollout(model, tok, chunk, samples_per_prompt, max_new_tokens, temperature, 0, seed + i)
+        for ex, group in zip(chunk, results):
+            stats["prompts"] += 1
+            scored = [(check_example(ex, c.text), j, c.text.strip()) for j, c in enumerate(group)]
+            total += sum(s for s, _, _ in scored)
+            best = max(scored, key=lambda s: (s[0], -s[1]))
+            worst = min(scored, key=lambda s: (s[0], s[1]))
+            if best[0] == worst[0] or best[2] == worst[2]:
+                stats["ties"] += 1
+                continue
+            pairs.append(PreferencePair(ex.prompt_messages(), best[2], worst[2]))
+    stats["pairs"] = len(pairs)
+    stats["mean_score"] = total / max(1, stats["prompts"] * samples_per_prompt)
+    if out:
+        save_preferences(pairs, out)
+    return pairs, stats

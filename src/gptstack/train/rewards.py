@@ -118,12 +118,11 @@ def semantic_reward(device="cpu") -> RewardFn:
         return torch.stack([cache[t] for t in texts])
 
     def fn(examples, prompt_ids, completions):
+        if len(cache) > 4096:
+            cache.clear()
         refs = embed([ex.reference() for ex in examples])
-        cache_size = len(cache)
         outs = model.encode([c.text.strip() or " " for c in completions], convert_to_tensor=True,
                             normalize_embeddings=True, show_progress_bar=False).cpu()
-        if cache_size > 4096:
-            cache.clear()
         return (refs * outs).sum(-1).clamp(-1, 1).tolist()
 
     return fn

@@ -1,0 +1,224 @@
+"""Distillation from a teacher LM into a student, two ways, both through the shared loop.
+
+    offline   the teacher answers training prompts (batched engine); its replies become SFT conversations
+              for the student, trained with the SFT loss on packed batches (data/chat.py)
+    onpolicy  the student samples replies; on those, the loss is the reverse KL(student || teacher) over the
+              whole vocabulary at every reply position (mode-seeking: the student is corrected exactly where
+              it goes, which offline data never shows it). Needs the teacher's tokenizer.
+
+`compare_distillation` runs both from the same student and reports each on the held-out task suite.
+The teacher can also be a reward term of RL (`--reward teacher:RUN`, train/rewards.py).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, resolve_device
+from ..errors import CheckpointError, ConfigError
+from ..model.heads import response_logprobs
+from .checkpoint import load_model
+from .losses import masked_mean, reverse_kl_per_token
+from .loop import Stage, TrainResult, train
+from .rl import (build_sequences, evaluate_policy, load_policy_state, load_trainable_policy, policy_run_config,
+                 sample_rollout, save_policy, task_examples)
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    out: str = "runs/distill"
+    teacher: str = ""
+    mode: str = "onpolicy"           # offline | onpolicy
+    tasks: str = "arithmetic_direct,spelling"
+    train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
+    eval_examples: int = 64
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    teacher_samples: int = 1         # offline: teacher replies per prompt
+    filter_correct: bool = False     # offline: keep only teacher replies the task checker accepts
+    n_prompts: int = 8               # onpolicy: prompts per rollout
+    samples: int = 4                 # onpolicy: student samples per prompt
+    steps: int = 40
+    batch_size: int = 16
+    seq_len: int = 256
+    optimizer: str = "adamw"
+    lr: float = 2e-5
+    schedule: str = "constant"
+    warmup_frac: float = 0.0
+    eval_every: int = 0
+    log_every: int = 5
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher:
+            raise ConfigError("give the teacher run: --teacher RUN_DIR")
+        if self.mode not in ("offline", "onpolicy"):
+            raise ConfigError(f"--mode must be offline or onpolicy, got {self.mode!r}")
+
+
+def _load_teacher(run, device):
+    if not Path(run).is_dir():
+        raise CheckpointError(f"teacher run '{run}' does not exist")
+    teacher, tok, _ = load_model(run, device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.eval(), tok
+
+
+# ---- offline: teacher samples -> SFT data ------------------------------------------------------------------
+
+def teacher_conversations(teacher, t_tok, examples, cfg: DistillConfig) -> tuple[list, dict]:
+    from ..data.tasks import check_example
+
+    convs, kept, total_score, n = [], 0, 0.0, 0
+    for i in range(0, len(examples), 64):
+        chunk = examples[i:i + 64]
+        _, results = sample_rollout(teacher, t_tok, chunk, cfg.teacher_samples, cfg.max_new_tokens,
+                                    cfg.temperature, 0, cfg.seed + i)
+        for ex, group in zip(chunk, results):
+            for c in group:
+                score = check_example(ex, c.text)
+                total_score += score
+                n += 1
+                if (cfg.filter_correct and score < 1.0) or not c.text.strip():
+                    continue
+                convs.append([*ex.prompt_messages(), {"role": "assistant", "content": c.text.strip()}])
+                kept += 1
+    return convs, {"teacher_samples": n, "kept": kept, "teacher_score": total_score / max(1, n)}
+
+
+def sft_loss(model, batch):
+    """Next-token loss on assistant tokens of packed conversations (the SFT stage's loss)."""
+    try:
+        from .sft import sft_loss as shared
+        return shared(model, batch)
+    except ImportError:
+        from ..data.chat import block_causal_mask
+        from ..model.heads import core_gpt
+
+        mask = block_causal_mask(batch["doc_ids"])
+        return core_gpt(model)(batch["input_ids"], batch["targets"], position_ids=batch["position_ids"],
+                               attn_mask=mask), {}
+
+
+# ---- onpolicy: student samples, teacher per-token reverse KL -----------------------------------------------
+
+class StudentRollouts:
+    """Endless batches of the student's own replies (resumable: prompt cursor + rollout count)."""
+
+    def __init__(self, cfg: DistillConfig, student, tok, examples, device):
+        self.cfg, self.student, self.tok, self.examples, self.device = cfg, student, tok, examples, device
+        self.rollouts, self.cursor = 0, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        from ..data.tasks import check_example
+
+        cfg = self.cfg
+        exs = [self.examples[(self.cursor + j) % len(self.examples)] for j in range(cfg.n_prompts)]
+        self.cursor = (self.cursor + cfg.n_prompts) % len(self.examples)
+        seed = cfg.seed * 1_000_003 + self.rollouts
+        self.rollouts += 1
+        t0 = time.time()
+        prompts, results = sample_rollout(self.student, self.tok, exs, cfg.samples, cfg.max_new_tokens,
+                                          cfg.temperature, 0, seed)
+        flat = [c for g in results for c in g]
+        flat_p = [p for p in prompts for _ in range(cfg.samples)]
+        acc = float(np.mean([check_example(ex, c.text) for ex, g in zip(exs, results) for c in g]))
+        ids, mask = build_sequences(flat_p, flat, self.tok.assistant_end_id, self.device)
+        return {"input_ids": ids, "resp_mask": mask, "task_accuracy": acc, "sample_seconds": time.time() - t0}
+
+    def state_dict(self) -> dict:
+        return {"rollouts": self.rollouts, "cursor": self.cursor, "n": len(self.examples)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("n") != len(self.examples):
+            raise ConfigError("cannot resume distillation: the prompt pool changed")
+        self.rollouts, self.cursor = int(s["rollouts"]), int(s["cursor"])
+
+
+def onpolicy_loss(model, batch: dict, teacher, temperature: float = 1.0):
+    mask = batch["resp_mask"]
+    s = response_logprobs(model, batch["input_ids"], mask, temperature, with_entropy=True)
+    with torch.no_grad():
+        t = response_logprobs(teacher, batch["input_ids"], mask, temperature)
+    kl = reverse_kl_per_token(s["logits_sel"], t["logits_sel"])
+    loss = kl.mean()
+    # the teacher's log-prob of the student's tokens: what the `teacher:` RL reward measures
+    teacher_lp = masked_mean(t["logp"], mask)
+    return loss, {"reverse_kl": float(loss.detach()), "entropy": float(masked_mean(s["entropy"].detach(), mask)),
+                  "teacher_logp": float(teacher_lp), "task_accuracy": float(batch["task_accuracy"]),
+                  "sample_seconds": float(batch["sample_seconds"])}
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+
+def distill(student_run, cfg: DistillConfig) -> TrainResult:
+    from ..data.chat import ChatBatches, encode_conversations
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    teacher, t_tok = _load_teacher(cfg.teacher, device)
+    student, tok, _ = load_trainable_policy(student_run, cfg.lora_rank, cfg.lora_alpha, device)
+    train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
+    extra = {"teacher_run": str(cfg.teacher), "mode": cfg.mode}
+    if cfg.mode == "offline":
+        t0 = time.time()
+        convs, stats = teacher_conversations(teacher, t_tok, train_ex, cfg)
+        if not convs:
+            raise ConfigError("the teacher produced no usable replies (try without --filter-correct)")
+        print(f"teacher: {stats['teacher_samples']} replies in {time.time() - t0:.0f}s, mean task score "
+              f"{stats['teacher_score']:.3f}; {stats['kept']} kept as SFT data")
+        del teacher
+        encoded, est = encode_conversations(tok, convs, cfg.seq_len + 1)
+        batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, device=device,
+                              pad_id=tok.bos_id)
+        loss_fn, tokens_in = sft_loss, (lambda b: int((b["targets"] >= 0).sum()))
+        extra["data"] = {**stats, **est}
+    else:
+        if t_tok.fingerprint() != tok.fingerprint():
+            raise ConfigError("on-policy distillation compares next-token distributions: the teacher and the "
+                              "student need the same tokenizer (use --mode offline, or the teacher: RL reward)")
+        batches = StudentRollouts(cfg, student, tok, train_ex, device)
+        loss_fn = lambda m, b: onpolicy_loss(m, b, teacher, cfg.temperature)  # noqa: E731
+        tokens_in = lambda b: int(b["resp_mask"].sum())  # noqa: E731
+    cfg_run = replace(cfg, total_batch_tokens=0)
+
+    def evaluate(m):
+        return {f"eval_{k}": v for k, v in evaluate_policy(m, tok, eval_ex, None, cfg.max_new_tokens,
+                                                           kl_samples=False).items()}
+
+    stage = Stage(name=f"distill-{cfg.mode}", model=student, batches=batches, loss_fn=loss_fn,
+                  run_config=policy_run_config(f"distill-{cfg.mode}", student, tok, cfg, student_run, **extra),
+                  tokenizer=tok, save=save_policy, load=load_policy_state,
+                  evaluate=evaluate if cfg.eval_every else None, tokens_in=tokens_in,
+                  n_params=sum(p.numel() for p in student.parameters() if p.requires_grad))
+    return train(stage, cfg_run)
+
+
+def compare_distillation(student_run, teacher_run, out_dir, tasks: str = "arithmetic_direct,spelling",
+                         eval_examples: int = 64, **overrides) -> dict:
+    """Offline and on-policy distillation of the same student from the same teacher; each result (and the
+    student and teacher themselves) scored on the held-out task suite, with KL to the student."""
+    device = resolve_device(overrides.get("device", "auto"))
+    eval_ex = task_examples(tasks, "test", eval_examples * len(tasks.split(",")), overrides.get("seed", 0))
+    student, tok, _ = load_model(student_run, device)
+    report = {"student": evaluate_policy(student, tok, eval_ex, None)}
+    report["teacher"] = evaluate_policy(load_model(teacher_run, device)[0], tok, eval_ex, student)
+    for mode in ("offline", "onpolicy"):
+        cfg = DistillConfig(out=str(Path(out_dir) / mode), teacher=str(teacher_run), mode=mode, tasks=tasks,
+                            eval_examples=eval_examples, **overrides)
+        result = distill(student_run, cfg)
+        model = load_model(cfg.out, device)[0]
+        report[mode] = {**evaluate_policy(model, tok, eval_ex, student), "train_seconds": result.seconds}
+    return report

@@ -1,0 +1,485 @@
+"""Reinforcement learning on the policy's own samples: PPO and GRPO, through the shared training loop.
+
+Where the time goes is sampling, so the batch iterator (`RolloutBatches`) does it with the batched KV-cache
+engine: each rollout takes `n_prompts` task prompts, samples `samples` replies per prompt in one `generate`
+call (the prompt is prefilled once and shared), scores them with the composed reward (train/rewards.py),
+computes advantages and yields minibatches. The loss function (`grpo_loss` / `ppo_loss`) turns a minibatch into
+the clipped objective; the loop (train/loop.py) does the optimizer step, logging, checkpoints and resume.
+
+    GRPO: A_i = (r_i - mean_group) / std_group per prompt; loss = clipped surrogate + β · k3 KL(π || π_ref)
+    PPO:  per-token reward -β_kl (log π_old - log π_ref), the task reward added at the last token; GAE(γ, λ);
+          clipped surrogate + c_v · clipped value loss; β_kl fixed or adaptive (Ziegler et al. 2019)
+
+The reference is the starting model, frozen; with LoRA it is the same model with its adapters disabled, so
+no second copy is held. The value head shares the policy's trunk (model/heads.py: PolicyWithValue).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainConfig, config_to_dict, resolve_device
+from ..errors import CheckpointError, ConfigError
+from ..model.heads import PolicyWithValue, core_gpt, load_head, response_logprobs, right_pad, save_head
+from .checkpoint import load_model, load_weights, read_config, save_weights
+from .losses import gae, group_advantages, k3_kl, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
+from .loop import Stage, TrainResult, train
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    out: str = "runs/rl"
+    algo: str = "grpo"               # grpo | ppo
+    reward: str = "task"             # task, rm:RUN, semantic, teacher:RUN, each optionally =WEIGHT
+    tasks: str = "arithmetic_direct,spelling"
+    train_examples: int = 2000       # the pool of training prompts, visited in a seeded order
+    eval_examples: int = 64          # held-out (test split) prompts per task for the greedy accuracy
+    n_prompts: int = 8               # prompts per rollout
+    samples: int = 8                 # replies per prompt (GRPO's group size K)
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int = 0
+    update_epochs: int = 1           # passes over each rollout (PPO's "epochs")
+    minibatches: int = 1             # optimizer steps per pass
+    clip: float = 0.2
+    kl_coef: float = 0.02            # GRPO β on the k3 term; PPO's initial per-token KL penalty
+    kl_target: float = 0.0           # PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/seq)
+    kl_horizon: int = 2000
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.5
+    value_clip: float = 0.2
+    scale_rewards: bool = True       # GRPO: divide by the group's std (False: Dr. GRPO centring only)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    steps: int = 40
+    optimizer: str = "adamw"
+    lr: float = 2e-5
+    schedule: str = "constant"
+    warmup_frac: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 20
+    log_every: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo not in ("grpo", "ppo"):
+            raise ConfigError(f"--algo must be ppo or grpo, got {self.algo!r}")
+        if self.algo == "grpo" and self.samples < 2:
+            raise ConfigError(f"GRPO compares samples within a group: --samples must be at least 2, got {self.samples}")
+        if self.samples < 1 or self.n_prompts < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--samples, --n-prompts and --max-new-tokens must be at least 1")
+        if self.update_epochs < 1 or self.minibatches < 1 or self.minibatches > self.n_prompts * self.samples:
+            raise ConfigError("--update-epochs must be >= 1 and --minibatches between 1 and n_prompts x samples")
+        if self.kl_coef < 0 or self.clip <= 0:
+            raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
+
+
+# ---- policy, reference and their persistence (shared with reward.py, dpo.py, distill.py) ----------------
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+
+
+def base_weights_run(run) -> str:
+    """The run holding full weights that a LoRA-only child of `run` is applied to."""
+    run = Path(run)
+    if (run / "model.safetensors").exists():
+        return str(run)
+    parent = read_config(run).get("parent_run")
+    if not parent:
+        raise CheckpointError(f"'{run}' holds no model.safetensors and names no parent run")
+    return str(parent)
+
+
+def load_trainable_policy(run, lora_rank: int, lora_alpha: float, device):
+    """The LM of `run`, ready to train: every weight trainable, or fresh LoRA adapters on a frozen base.
+    An adapter run is merged first (its LoRA update folded in)."""
+    from ..model.adapters import apply_lora, merge_adapter
+
+    if not Path(run).is_dir():
+        raise CheckpointError(f"run directory '{run}' does not exist")
+    model, tok, config = load_model(run, device)
+    if is_peft(model):
+        if lora_rank:
+            raise ConfigError(f"'{run}' is itself a LoRA run: merge it first (gptstack merge) to put new "
+                              "adapters on top, or train without --lora-rank")
+        model = merge_adapter(model)
+    if lora_rank:
+        model = apply_lora(model, rank=lora_rank, alpha=lora_alpha)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return model.to(device), tok, config
+
+
+def frozen_reference(policy):
+    """A frozen copy of the starting policy; None with LoRA (the reference is the adapters-disabled base)."""
+    if is_peft(policy):
+        return None
+    ref = copy.deepcopy(core_gpt(policy)).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+@torch.no_grad()
+def reference_logprobs(ref, policy, ids, mask, temperature: float = 1.0) -> torch.Tensor:
+    if ref is not None:
+        return response_logprobs(ref, ids, mask, temperature)["logp"]
+    with policy.disable_adapter():
+        return response_logprobs(policy, ids, mask, temperature)["logp"]
+
+
+def save_policy(model, run_dir: Path, cid: str) -> None:
+    """adapter/ for a LoRA policy (applied to parent_run's weights), else model.safetensors."""
+    from ..model.adapters import save_adapter
+
+    if is_peft(model):
+        save_adapter(model, Path(run_dir) / "adapter", cid)
+    else:
+        save_weights(Path(run_dir) / "model.safetensors", core_gpt(model).state_dict(), {"checkpoint_id": cid})
+
+
+def load_policy_state(model, run_dir: Path) -> None:
+    from ..model.adapters import read_adapter, set_adapter_state
+
+    if is_peft(model):
+        state, _ = read_adapter(Path(run_dir) / "adapter")
+        set_adapter_state(model, state, f"'{run_dir}/adapter'")
+        return
+    state, _ = load_weights(Path(run_dir) / "model.safetensors")
+    gpt = core_gpt(model)
+    if gpt.config.tie_embeddings and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    try:
+        gpt.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint in '{run_dir}' does not fit this model ({str(e).splitlines()[0]})") from None
+
+
+def policy_run_config(stage: str, policy, tok, cfg, source_run, **extra) -> dict:
+    """config.json of a run whose policy `load_model` can read back (LoRA: adapter/ on parent_run)."""
+    lora = is_peft(policy)
+    return {"kind": "lm", "stage": stage, "model": core_gpt(policy).config.to_dict(), "train": config_to_dict(cfg),
+            "parent_run": base_weights_run(source_run) if lora else str(source_run), "source_run": str(source_run),
+            "adapter": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "qlora": False} if lora else None,
+            "tokenizer_fingerprint": tok.fingerprint(), **extra}
+
+
+# ---- adaptive KL ---------------------------------------------------------------------------------------
+
+class KLController:
+    """Fixed β, or Ziegler et al.'s proportional controller: β ← β (1 + clip(KL/target - 1, ±0.2) · n/horizon)."""
+
+    def __init__(self, init: float, target: float = 0.0, horizon: int = 2000):
+        self.value, self.target, self.horizon = init, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target > 0:
+            err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.value *= 1.0 + err * n / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"kl_coef": self.value}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.value = float(s["kl_coef"])
+
+
+# ---- rollouts ----------------------------------------------------------------------------------------
+
+def sample_rollout(policy, tok, examples, n: int, max_new_tokens: int, temperature: float, top_k: int, seed: int):
+    """Prompt ids and, per prompt, n completions from the engine (one batched call)."""
+    from ..infer.engine import Engine
+    from ..infer.sampling import SamplingParams
+
+    prompts = [tok.render_prompt(ex.prompt_messages()) for ex in examples]
+    params = SamplingParams(n=n, temperature=temperature, top_k=top_k, max_tokens=max_new_tokens, seed=seed,
+                            stop_token_ids=[tok.assistant_end_id])
+    return prompts, Engine(core_gpt(policy) if not is_peft(policy) else policy, tok).generate(prompts, params)
+
+
+def build_sequences(prompts, completions, end_id: int, device):
+    """Right-padded prompt + reply (+ <|assistant_end|> when it stopped: emitting it is an action too) and the
+    mask of reply tokens."""
+    seqs, starts = [], []
+    for p, c in zip(prompts, completions):
+        reply = list(c.tokens) + ([end_id] if c.finish_reason == "stop" else [])
+        if not reply:
+            reply = [end_id]
+        seqs.append(list(p) + reply)
+        starts.append(len(p))
+    ids, lengths = right_pad(seqs, device=device)
+    pos = torch.arange(ids.shape[1], device=device)[None]
+    mask = (pos >= torch.tensor(starts, device=device)[:, None]) & (pos < lengths[:, None])
+    return ids, mask.float()
+
+
+class RolloutBatches:
+    """Endless minibatches of scored rollouts (the RL stage's batch iterator; resumable).
+
+    The state holds the prompt cursor, the rollout count (sampling seeds derive from it) and the minibatches
+    of the current rollout not yet trained on, so a resumed run continues exactly where it stopped."""
+
+    def __init__(self, cfg: RLConfig, model, ref, tok, examples, reward_fn, kl: KLController, device):
+        self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tok
+        self.examples, self.reward_fn, self.kl, self.device = examples, reward_fn, kl, device
+        self.rollouts, self.epoch, self.cursor = 0, 0, 0
+        self.pending: list[dict] = []
+        self._order = self._perm(0)
+        self.last_stats: dict = {}
+
+    @property
+    def policy(self):
+        return self.model.policy if isinstance(self.model, PolicyWithValue) else self.model
+
+    def _perm(self, epoch):
+        return np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.examples)).tolist()
+
+    def _next_examples(self):
+        out = []
+        while len(out) < self.cfg.n_prompts:
+            out.append(self.examples[self._order[self.cursor]])
+            self.cursor += 1
+            if self.cursor == len(self._order):
+                self.epoch, self.cursor = self.epoch + 1, 0
+                self._order = self._perm(self.epoch)
+        return out
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if not self.pending:
+            self.pending = self._rollout()
+        return {k: (torch.as_tensor(v, device=self.device) if isinstance(v, (list, np.ndarray)) else v)
+                for k, v in self.pending.pop(0).items()}
+
+    @torch.no_grad()
+    def _rollout(self) -> list[dict]:
+        cfg, K = self.cfg, self.cfg.samples
+        t0 = time.time()
+        examples = self._next_examples()
+        seed = cfg.seed * 1_000_003 + self.rollouts
+        self.rollouts += 1
+        prompts, results = sample_rollout(self.policy, self.tok, examples, K, cfg.max_new_tokens,
+                                          cfg.temperature, cfg.top_k, seed)
+        t_sample = time.time() - t0
+        flat_ex = [ex for ex in examples for _ in range(K)]
+        flat_prompts = [p for p in prompts for _ in range(K)]
+        flat = [c for group in results for c in group]
+        scores = torch.tensor(self.reward_fn(flat_ex, flat_prompts, flat), dtype=torch.float32)
+        from ..data.tasks import check_example
+        task_acc = float(np.mean([check_example(ex, c.text) for ex, c in zip(flat_ex, flat)]))
+        ids, mask = build_sequences(flat_prompts, flat, self.tok.assistant_end_id, self.device)
+        T = cfg.temperature
+        need_ref = cfg.kl_coef > 0 or cfg.algo == "ppo"
+        ref_logp = reference_logprobs(self.ref, self.policy, ids, mask, T) if need_ref else torch.zeros_like(mask)
+        batch = {"input_ids": ids, "resp_mask": mask, "ref_logp": ref_logp}
+        stats = {"reward": float(scores.mean()), "task_accuracy": task_acc,
+                 "response_tokens": float(mask.sum(1).mean()), "sample_seconds": t_sample,
+                 **getattr(self.reward_fn, "last", {})}
+        multi = cfg.update_epochs * cfg.minibatches > 1
+        if cfg.algo == "grpo":
+            adv, zero = group_advantages(scores.view(-1, K), scale=cfg.scale_rewards)
+            batch["adv"] = adv.reshape(-1, 1).to(self.device) * mask
+            stats["zero_var_groups"] = float(zero)
+            if multi:  # the behaviour policy's log-probs, for the ratio on later passes
+                batch["old_logp"] = response_logprobs(self.policy, ids, mask, T)["logp"]
+        else:
+            out = self.model(ids, mask, T)
+            old_logp, values = out["logp"], out["values"]
+            kl_tok = (old_logp - ref_logp) * mask
+            rewards = -self.kl.value * kl_tok
+            last = (mask.sum(1).long() + mask.argmax(1) - 1)          # index of each row's last reply token
+            rewards[torch.arange(ids.shape[0]), last] += scores.to(self.device)
+            adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+            batch.update(adv=masked_whiten(adv, mask) * mask, returns=returns, old_values=values, old_logp=old_logp)
+            seq_kl = float(kl_tok.sum(1).mean())
+            stats.update(rollout_kl=seq_kl, kl_coef=self.kl.value)
+            self.kl.update(seq_kl, ids.shape[0])
+        self.last_stats = stats
+        return self._minibatches(batch, stats, seed)
+
+    def _minibatches(self, batch: dict, stats: dict, seed: int) -> list[dict]:
+        N = batch["input_ids"].shape[0]
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(self.cfg.update_epochs):
+            order = rng.permutation(N) if self.cfg.minibatches > 1 else np.arange(N)
+            for chunk in np.array_split(order, self.cfg.minibatches):
+                idx = torch.as_tensor(chunk, device=self.device)
+                width = int(batch["resp_mask"][idx].nonzero()[:, 1].max()) + 1   # trim common right padding
+                mb = {k: v[idx, :width].cpu().numpy() for k, v in batch.items()}
+                mb.update({k: v for k, v in stats.items()})
+                out.append(mb)
+        return out
+
+    # resume: the pending minibatches are stored as lists (small: tens of rows of < 200 tokens)
+    def state_dict(self) -> dict:
+        pending = [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in mb.items()} for mb in self.pending]
+        return {"rollouts": self.rollouts, "epoch": self.epoch, "cursor": self.cursor, "pending": pending,
+                "n_examples": len(self.examples)}
+
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("n_examples") != len(self.examples):
+            raise ConfigError("cannot resume RL: the prompt pool changed (keep --tasks, --train-examples, --seed)")
+        self.rollouts, self.epoch, self.cursor = int(s["rollouts"]), int(s["epoch"]), int(s["cursor"])
+        self._order = self._perm(self.epoch)
+        dtypes = {"input_ids": np.int64}
+        self.pending = [{k: (np.asarray(v, dtype=dtypes.get(k, np.float32)) if isinstance(v, list) else v)
+                         for k, v in mb.items()} for mb in s.get("pending", [])]
+
+
+# ---- losses --------------------------------------------------------------------------------------------
+
+STAT_KEYS = ("reward", "task_accuracy", "response_tokens", "zero_var_groups", "rollout_kl", "kl_coef",
+             "sample_seconds")
+
+
+def _stats(batch: dict) -> dict:
+    return {k: float(v) for k, v in batch.items() if (k in STAT_KEYS or k.startswith("reward_")) and not torch.is_tensor(v)}
+
+
+def grpo_loss(model, batch: dict, cfg: RLConfig):
+    mask = batch["resp_mask"]
+    out = response_logprobs(model, batch["input_ids"], mask, cfg.temperature, with_entropy=True)
+    logp = out["logp"]
+    old = batch["old_logp"] if "old_logp" in batch else logp.detach()
+    pg, clipfrac, _ = ppo_policy_loss(logp, old, batch["adv"], mask, cfg.clip)
+    kl = k3_kl(logp, batch["ref_logp"])
+    loss = masked_mean(pg + cfg.kl_coef * kl, mask) if cfg.kl_coef else masked_mean(pg, mask)
+    return loss, {"kl": float(masked_mean(kl.detach(), mask)), "entropy": float(masked_mean(out["entropy"].detach(), mask)),
+                  "clip_frac": float(clipfrac), **_stats(batch)}
+
+
+def ppo_loss(model: PolicyWithValue, batch: dict, cfg: RLConfig):
+    mask = batch["resp_mask"]
+    out = model(batch["input_ids"], mask, cfg.temperature)
+    pg, clipfrac, approx_kl = ppo_policy_loss(out["logp"], batch["old_logp"], batch["adv"], mask, cfg.clip)
+    vloss, vclip = ppo_value_loss(out["values"], batch["old_values"], batch["returns"], mask, cfg.value_clip)
+    loss = masked_mean(pg, mask) + cfg.vf_coef * vloss
+    kl = float(masked_mean((out["logp"] - batch["ref_logp"]).detach(), mask))
+    return loss, {"kl": kl, "entropy": float(masked_mean(out["entropy"].detach(), mask)), "clip_frac": float(clipfrac),
+                  "value_loss": float(vloss.detach()), "value_clip_frac": float(vclip), "approx_kl": float(approx_kl),
+                  **_stats(batch)}
+
+
+# ---- evaluation ----------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_policy(model, tok, examples, ref=None, max_new_tokens: int = 64, seed: int = 0,
+                    kl_samples: bool = True) -> dict:
+    """Greedy task accuracy on `examples`; with kl_samples, one T=1 sample per prompt gives the policy's mean
+    per-token entropy and the sequence KL to `ref` (a plain model, or None: adapters disabled for a LoRA
+    policy, nothing otherwise)."""
+    from ..data.tasks import check_example
+    from ..infer.engine import Engine
+    from ..infer.sampling import SamplingParams
+
+    policy = model.policy if isinstance(model, PolicyWithValue) else model
+    engine = Engine(core_gpt(policy) if not is_peft(policy) else policy, tok)
+    device = engine.device
+    prompts = [tok.render_prompt(ex.prompt_messages()) for ex in examples]
+    greedy = engine.generate(prompts, SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                                     stop_token_ids=[tok.assistant_end_id]))
+    scores = [check_example(ex, r[0].text) for ex, r in zip(examples, greedy)]
+    by_task: dict[str, list] = {}
+    for ex, s in zip(examples, scores):
+        by_task.setdefault(ex.task, []).append(s)
+    out = {"accuracy": float(np.mean(scores)), **{f"acc_{t}": float(np.mean(v)) for t, v in by_task.items()}}
+    if kl_samples:
+        sampled = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=max_new_tokens, seed=seed,
+                                                          stop_token_ids=[tok.assistant_end_id]))
+        ent, kls = [], []
+        for i in range(0, len(prompts), 32):
+            comps = [r[0] for r in sampled[i:i + 32]]
+            ids, mask = build_sequences(prompts[i:i + 32], comps, tok.assistant_end_id, device)
+            o = response_logprobs(policy, ids, mask, with_entropy=True)
+            ent.append(float(masked_mean(o["entropy"], mask)))
+            if ref is not None or is_peft(policy):
+                r = reference_logprobs(ref, policy, ids, mask)
+                kls.extend(((o["logp"] - r) * mask).sum(1).tolist())
+        out["entropy"] = float(np.mean(ent))
+        if kls:
+            out["kl_to_ref"] = float(np.mean(kls))
+    return out
+
+
+def task_examples(tasks: str, split: str, n_total: int, seed: int):
+    from ..data.tasks import generate_mixture, parse_task_list
+
+    names = parse_task_list(tasks)
+    return generate_mixture(names, split, max(1, math.ceil(n_total / len(names))), seed)
+
+
+# ---- the stage -----------------------------------------------------------------------------------------
+
+@dataclass
+class RLSetup:
+    stage: Stage
+    cfg: RLConfig
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    batches: RolloutBatches
+    kl: KLController
+
+
+def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
+    """Everything `train_rl` hands to the loop. `reward_fn(examples, prompt_ids, completions) -> [float]`
+    replaces the --reward spec when given (a library user's own reward)."""
+    from .rewards import build_reward, parse_reward_spec
+
+    cfg.validate()
+    if reward_fn is None:
+        parse_reward_spec(cfg.reward)      # a bad spec fails before any model is loaded
+    device = resolve_device(cfg.device)
+    policy, tok, _ = load_trainable_policy(run, cfg.lora_rank, cfg.lora_alpha, device)
+    ref = frozen_reference(policy)
+    if reward_fn is None:
+        reward_fn = build_reward(cfg.reward, tok, device)
+    train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
+    torch.manual_seed(cfg.seed)
+    kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+    model = PolicyWithValue(policy).to(device) if cfg.algo == "ppo" else policy
+    batches = RolloutBatches(cfg, model, ref, tok, train_ex, reward_fn, kl, device)
+    cfg = replace(cfg, total_batch_tokens=0)
+    loss = (lambda m, b: ppo_loss(m, b, cfg)) if cfg.algo == "ppo" else (lambda m, b: grpo_loss(m, b, cfg))
+
+    def save(m, run_dir, cid):
+        save_policy(m.policy if isinstance(m, PolicyWithValue) else m, run_dir, cid)
+        if isinstance(m, PolicyWithValue):
+            save_head(m.value_head, Path(run_dir) / "value_head.safetensors", cid)
+
+    def load(m, run_dir):
+        load_policy_state(m.policy if isinstance(m, PolicyWithValue) else m, run_dir)
+        if isinstance(m, PolicyWithValue):
+            load_head(m.value_head, Path(run_dir) / "value_head.safetensors")
+
+    def evaluate(m):
+        return {f"eval_{k}": v for k, v in evaluate_policy(m, tok, eval_ex, None, cfg.max_new_tokens,
+                                                           kl_samples=False).items()}
+
+    run_config = policy_run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
+    stage = Stage(name=cfg.algo, model=model, batches=batches, loss_fn=loss, run_config=run_config, tokenizer=tok,
+                  save=save, load=load, evaluate=evaluate if cfg.eval_every else None,
+                  tokens_in=lambda b: int(b["resp_mask"].sum()),
+                  extra_state=kl.state_dict, load_extra_state=kl.load_state_dict,
+                  n_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    return RLSetup(stage, cfg, policy, ref, batches, kl)
+
+
+def train_rl(run, cfg: RLConfig, reward_fn=None) -> TrainResult:
+    """PPO or GRPO from the LM in `run` (usually an SFT run)."""
+    setup = prepare_rl(run, cfg, reward_fn)
+    return train(setup.stage, setup.cfg)

@@ -1,0 +1,275 @@
+"""Supervised finetuning: a pretrained run + conversations -> a chat model, through the shared loop.
+
+    result = sft("runs/base", SFTConfig(out="runs/sft"))                 # full finetuning
+    result = sft("runs/base", SFTConfig(out="runs/sft_lora", lora=True)) # LoRA adapter only (RUN/adapter/)
+
+Data: the embedded task suite (`data="tasks"`, `examples_per_task` train-split examples of each task in
+`tasks`, interleaved) or conversations from a JSONL file / `hf:NAME`. The loss is next-token cross-entropy
+on assistant tokens only (content and <|assistant_end|>). With `pack`, several conversations share a row,
+each with its own positions and a block-diagonal causal mask, so none sees another; without it each row holds
+one conversation and the batch is cut to its longest row. Packing trains about twice as many assistant tokens
+per second here (see `pack` below), so it is the default.
+
+The loop's "tokens" for SFT are trained (assistant) tokens, so tok/s and epochs count what is learned from.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+
+from ..config import TrainConfig, config_to_dict
+from ..errors import CheckpointError, ConfigError, DataError
+from .loop import Stage, TrainResult, distributed_context, train
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out: str = "runs/sft"
+    data: str = "tasks"            # "tasks" (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]
+    tasks: str = "all"             # data=tasks: "all" or a comma-separated list of task names
+    examples_per_task: int = 3000  # data=tasks: train-split examples of each task
+    max_examples: int = 0          # file data: read at most this many conversations (0: all)
+    val_conversations: int = 280   # held out for the periodic masked val loss (tasks: from the test split)
+    pack: bool = True              # several conversations per row (measured ~2x faster than one per row)
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = DEFAULT_LORA_TARGETS   # lm_head / embed_tokens only when listed
+    qlora: bool = False            # LoRA on a 4-bit (nf4) base through bitsandbytes; implies lora
+    # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
+    steps: int = 0
+    minutes: float = 2.5
+    batch_size: int = 8
+    seq_len: int = 0               # 0: the parent model's context
+    lr: float = 3e-3               # AdamW for LoRA factors (and everything with --optimizer adamw)
+    matrix_lr: float = 0.01
+    embedding_lr: float = 0.1
+    unembedding_lr: float = 0.004
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.5
+    eval_every: int = 25
+    log_every: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.examples_per_task < 1:
+            raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
+        if self.max_examples < 0 or self.val_conversations < 0:
+            raise ConfigError("--max-examples and --val-conversations cannot be negative")
+
+
+# The tiny preset is the default above (2-core CPU, ~2.5 minutes); GPU presets train on more data for longer.
+SFT_PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "d12": dict(minutes=0.0, steps=1000, batch_size=32, examples_per_task=20000, eval_every=100, log_every=10,
+                compile=True),
+    "d20": dict(minutes=0.0, steps=1500, batch_size=32, examples_per_task=30000, eval_every=100, log_every=10,
+                compile=True),
+}
+
+
+def apply_sft_preset(cfg: SFTConfig, preset: str, explicit: set[str] = frozenset()) -> SFTConfig:
+    if preset not in SFT_PRESETS:
+        raise ConfigError(f"unknown SFT preset {preset!r}; choose one of {', '.join(SFT_PRESETS)}")
+    names = {f.name for f in fields(cfg)}
+    return replace(cfg, **{k: v for k, v in SFT_PRESETS[preset].items() if k in names and k not in explicit})
+
+
+# ---- data ---------------------------------------------------------------------------------------------------
+def load_sft_data(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]], str]:
+    """(train conversations, held-out conversations, a one-line description)."""
+    if cfg.data == "tasks":
+        from ..data.tasks import generate_mixture, parse_task_list
+
+        names = parse_task_list(cfg.tasks)
+        train_ex = generate_mixture(names, "train", cfg.examples_per_task, cfg.seed)
+        per_task = math.ceil(cfg.val_conversations / len(names)) if cfg.val_conversations else 0
+        val_ex = generate_mixture(names, "test", per_task, cfg.seed + 1) if per_task else []
+        return ([e.messages for e in train_ex], [e.messages for e in val_ex],
+                f"task suite: {', '.join(names)} ({cfg.examples_per_task} train examples each)")
+    from ..data.chat import load_conversations
+
+    convs = load_conversations(cfg.data, max_examples=cfg.max_examples or None)
+    order = list(range(len(convs)))
+    random.Random(cfg.seed).shuffle(order)
+    n_val = min(cfg.val_conversations, len(convs) // 10)  # never more than a tenth of a small file
+    val = [convs[i] for i in order[:n_val]]
+    train_convs = [convs[i] for i in order[n_val:]]
+    return train_convs, val, f"{cfg.data}: {len(convs)} conversations ({n_val} held out)"
+
+
+def report_encoding(stats: dict, what: str) -> None:
+    line = (f"{what}: {stats['kept']:,} conversations, {stats['tokens']:,} tokens, "
+            f"{stats['trained_tokens']:,} trained (assistant) tokens")
+    print(line, flush=True)
+    if stats["truncated"] or stats["skipped"]:
+        print(f"  warning: {stats['truncated']} conversations longer than the context were truncated after their "
+              f"last complete assistant turn, {stats['skipped']} skipped (no assistant token fit); raise --seq-len "
+              "or shorten them", flush=True)
+
+
+# ---- loss ---------------------------------------------------------------------------------------------------
+def sft_loss(model, batch: dict):
+    """Mean next-token cross-entropy over the trained (assistant) targets of the batch; targets -1 are not
+    trained. Packed rows get per-conversation positions and a block-diagonal causal mask. Unpacked rows
+    hold one conversation from position 0 with padding only after it, so the plain causal path is exact."""
+    from ..data.chat import block_causal_mask
+
+    dev = next(p for p in model.parameters()).device
+    doc_ids = batch["doc_ids"]
+    if int(doc_ids.max()) > 0:   # some row holds more than one conversation
+        x, y = batch["input_ids"].to(dev), batch["targets"].to(dev)
+        loss = model(x, y, position_ids=batch["position_ids"].to(dev), attn_mask=block_causal_mask(doc_ids.to(dev)))
+    else:
+        used = int((doc_ids >= 0).sum(dim=1).max())  # trailing padding columns do no work
+        x, y = batch["input_ids"][:, :used].to(dev), batch["targets"][:, :used].to(dev)
+        loss = model(x, y)
+    return loss, {}
+
+
+def trained_tokens(batch: dict) -> int:
+    return int((batch["targets"] >= 0).sum())
+
+
+@torch.no_grad()
+def masked_val_loss(model, batches: list[dict]) -> dict:
+    """Mean CE over the assistant tokens of the held-out batches (summed, then divided once)."""
+    total, count = 0.0, 0
+    for batch in batches:
+        n = trained_tokens(batch)
+        loss, _ = sft_loss(model, batch)
+        total += float(loss) * n
+        count += n
+    return {"val_loss": total / max(1, count)}
+
+
+def fixed_batches(encoded, batch_size: int, seq_len: int, pack: bool, seed: int) -> list[dict]:
+    """About one pass over `encoded` as a fixed list of batches (the held-out set)."""
+    from ..data.chat import ChatBatches
+
+    if not encoded:
+        return []
+    it = ChatBatches(encoded, batch_size, seq_len, seed, pack=pack)
+    out = []
+    while it.epochs_done < 1.0 and len(out) < 1000:
+        out.append(next(it))
+    return out
+
+
+# ---- model --------------------------------------------------------------------------------------------------
+def load_parent(run_dir: str | Path, device):
+    """The parent run's model (adapters merged into a plain GPT), tokenizer and config."""
+    from .checkpoint import load_model, read_config
+
+    config = read_config(run_dir)
+    if config.get("kind", "lm") != "lm" or "model" not in config:
+        raise CheckpointError(f"'{run_dir}' is not a language-model run (kind={config.get('kind')!r}); SFT starts "
+                              "from a pretraining or SFT run")
+    model, tokenizer, config = load_model(run_dir, device)
+    if hasattr(model, "merge_and_unload"):  # an adapter run: continue from its merged weights
+        from ..model.adapters import merge_adapter
+
+        model = merge_adapter(model)
+    return model, tokenizer, config
+
+
+def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
+    from ..config import resolve_device
+    from ..data.chat import ChatBatches, encode_conversations
+
+    parent = Path(run_dir)
+    rank, world, _ = distributed_context()
+    main = rank == 0
+    lora = cfg.lora or cfg.qlora
+    device = resolve_device(cfg.device)
+    model, tokenizer, parent_config = load_parent(parent, device)
+    mcfg = model.config
+    if not cfg.seq_len:
+        cfg = replace(cfg, seq_len=mcfg.seq_len)
+    if cfg.seq_len > mcfg.seq_len * 4:
+        raise ConfigError(f"--seq-len {cfg.seq_len} is beyond what the model's position tables cover "
+                          f"({4 * mcfg.seq_len})")
+    cfg.validate()
+    if lora and "adapter" in parent_config and parent_config.get("adapter"):
+        raise ConfigError(f"'{parent}' is itself an adapter run: merge it first (gptstack merge {parent} --out DIR) "
+                          "and train the new adapter on the merged run")
+
+    train_convs, val_convs, described = load_sft_data(cfg)
+    if main:
+        print(f"data: {described}", flush=True)
+    encoded, stats = encode_conversations(tokenizer, train_convs, cfg.seq_len + 1)
+    if not encoded:
+        raise DataError(f"no conversation fits the context of {cfg.seq_len} tokens with an assistant token in it")
+    val_encoded, val_stats = encode_conversations(tokenizer, val_convs, cfg.seq_len + 1) if val_convs else ([], None)
+    if main:
+        report_encoding(stats, "train")
+        if val_stats:
+            report_encoding(val_stats, "held out")
+
+    adapter_info = None
+    if lora:
+        from ..model.adapters import apply_lora, parse_targets, quantize_4bit
+
+        if cfg.qlora:
+            quantize_4bit(model)
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
+        adapter_info = {"lora": True, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
+                        "targets": parse_targets(cfg.lora_targets), "qlora": cfg.qlora,
+                        "quant_type": "nf4" if cfg.qlora else None}
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_total = sum(p.numel() for p in model.parameters())
+    if main:
+        kind = "QLoRA (nf4 base)" if cfg.qlora else "LoRA" if lora else "full finetuning"
+        print(f"{kind}: {n_trainable:,} trainable of {n_total:,} parameters "
+              f"({100 * n_trainable / max(1, n_total):.2f}%)", flush=True)
+
+    batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, pack=cfg.pack,
+                          pad_id=tokenizer.bos_id)
+    val_batches = fixed_batches(val_encoded, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
+    run_config = {"kind": "lm", "stage": "sft", "model": mcfg.to_dict(), "train": config_to_dict(cfg),
+                  "parent_run": str(parent.resolve()), "tokenizer_fingerprint": tokenizer.fingerprint(),
+                  "adapter": adapter_info,
+                  "data": {"source": described, "train": stats, "held_out": val_stats}}
+    stage = Stage(name="sft", model=model, batches=batches, loss_fn=sft_loss, run_config=run_config,
+                  tokenizer=tokenizer, tokens_in=trained_tokens,
+                  evaluate=(lambda m: masked_val_loss(m, val_batches)) if val_batches else None,
+                  flops_per_token=_base(model).flops_per_token(cfg.seq_len),
+                  corpus_tokens=stats["trained_tokens"], n_params=n_trainable)
+    if lora:
+        stage.save, stage.load = save_lora, load_lora
+    return train(stage, cfg)
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_lora(model, run_dir: Path, checkpoint_id: str) -> None:
+    from ..model.adapters import save_adapter
+    from .checkpoint import unwrap
+
+    save_adapter(unwrap(model), Path(run_dir) / "adapter", checkpoint_id)
+
+
+def load_lora(model, run_dir: Path) -> None:
+    from ..model.adapters import read_adapter, set_adapter_state
+    from .checkpoint import unwrap
+
+    run_dir = Path(run_dir)
+    state, meta = read_adapter(run_dir / "adapter")
+    try:
+        cid = json.loads((run_dir / "trainer_state.json").read_text()).get("checkpoint_id")
+    except (OSError, json.JSONDecodeError):
+        cid = None
+    if cid and meta.get("checkpoint_id") != cid:
+        raise CheckpointError(f"cannot resume: '{run_dir}' holds an adapter and trainer state from different saves")
+    set_adapter_state(unwrap(model), state, f"'{run_dir / 'adapter'}'")

@@ -1,0 +1,166 @@
+"""The engine: batching equals one-at-a-time, the cache equals a full forward, per-row stopping, streaming,
+logprobs, sessions, and clear errors."""
+
+import pytest
+import torch
+
+from _infer_util import tiny_model
+from gptstack.errors import ConfigError, PromptError
+from gptstack.infer.engine import Engine
+from gptstack.infer.sampling import SamplingParams
+from gptstack.model.gpt import KVCache
+
+GREEDY = dict(temperature=0.0, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_tokenizer):
+    return Engine(tiny_model(tiny_tokenizer), tiny_tokenizer)
+
+
+def prompts_of(tok, texts):
+    return [tok.encode(t, bos=True) for t in texts]
+
+
+def test_batched_greedy_equals_one_at_a_time(engine, tiny_tokenizer):
+    ps = prompts_of(tiny_tokenizer, ["The king", "Thou art a noble lord and the queen", "Sweet"])
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    together = [c[0].tokens for c in engine.generate(ps, params)]
+    alone = [engine.generate([p], params)[0][0].tokens for p in ps]
+    assert together == alone
+    assert all(len(t) == 12 for t in together)
+
+
+def test_cached_decode_logits_equal_full_forward(engine, tiny_tokenizer):
+    p = tiny_tokenizer.encode("Good night sweet lady", bos=True)
+    out = engine.generate([p], SamplingParams(max_tokens=8, **GREEDY))[0][0]
+    seq = torch.tensor([p + out.tokens])
+    with torch.no_grad():
+        full = engine.model(seq)[0]
+    # replay the decode with a cache, comparing each step's logits with the full forward's
+    cache = KVCache(engine.config, 1, seq.shape[1], "cpu", torch.float32)
+    with torch.no_grad():
+        logits = engine.model(seq[:, :len(p)], kv_cache=cache)[0, -1]
+        assert torch.allclose(logits, full[len(p) - 1], atol=1e-4)
+        for i, t in enumerate(out.tokens[:-1]):
+            logits = engine.model(torch.tensor([[t]]), kv_cache=cache)[0, -1]
+            assert torch.allclose(logits, full[len(p) + i], atol=1e-4)
+            assert int(logits.argmax()) == out.tokens[i + 1]
+
+
+def test_logprobs_match_full_forward_log_softmax(engine, tiny_tokenizer):
+    ps = prompts_of(tiny_tokenizer, ["Hear me", "The crown of the king is"])
+    outs = engine.generate(ps, SamplingParams(max_tokens=6, temperature=1.0, seed=3, logprobs=True,
+                                              stop_token_ids=[]))
+    for p, c in zip(ps, outs):
+        c = c[0]
+        seq = torch.tensor([p + c.tokens])
+        with torch.no_grad():
+            lsm = torch.log_softmax(engine.model(seq)[0].float(), dim=-1)
+        want = [float(lsm[len(p) - 1 + i, t]) for i, t in enumerate(c.tokens)]
+        assert c.logprobs == pytest.approx(want, abs=1e-4)
+
+
+def test_n_samples_share_one_prefill(engine, tiny_tokenizer):
+    calls = []
+    hook = engine.model.register_forward_pre_hook(lambda m, args, kw: calls.append(args[0].shape), with_kwargs=True)
+    try:
+        ps = prompts_of(tiny_tokenizer, ["The lady", "Come hither"])
+        out = engine.generate(ps, SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=5, stop_token_ids=[]))
+    finally:
+        hook.remove()
+    assert [c.shape for c in [torch.empty(s) for s in calls[:1]]] == [torch.Size([2, max(map(len, ps))])]
+    assert all(s[1] == 1 for s in calls[1:]), "after one prefill every forward is a one-token decode step"
+    assert all(s[0] <= 8 for s in calls[1:])
+    assert len(out) == 2 and all(len(o) == 4 for o in out)
+    assert [(c.prompt_index, c.sample_index) for c in out[1]] == [(1, 0), (1, 1), (1, 2), (1, 3)]
+    assert len({tuple(c.tokens) for o in out for c in o}) > 1
+
+
+def test_greedy_deterministic_and_seeded_reproducible(engine, tiny_tokenizer):
+    p = prompts_of(tiny_tokenizer, ["Fair day"])
+    g = SamplingParams(max_tokens=10, **GREEDY)
+    assert engine.generate(p, g)[0][0].tokens == engine.generate(p, g)[0][0].tokens
+    s = SamplingParams(max_tokens=10, temperature=1.0, seed=11, n=3, stop_token_ids=[])
+    a = [c.tokens for c in engine.generate(p, s)[0]]
+    b = [c.tokens for c in engine.generate(p, s)[0]]
+    assert a == b
+
+
+def test_per_row_stopping(engine, tiny_tokenizer):
+    ps = prompts_of(tiny_tokenizer, ["The king", "Thou art", "Night"])
+    base = [c[0] for c in engine.generate(ps, SamplingParams(max_tokens=10, **GREEDY))]
+    # a stop token chosen from row 0's output stops row 0 there and leaves rows that never make it alone
+    stop_tok = base[0].tokens[3]
+    stopped = [c[0] for c in engine.generate(ps, SamplingParams(max_tokens=10, temperature=0.0,
+                                                                 stop_token_ids=[stop_tok]))]
+    assert stopped[0].tokens == base[0].tokens[:base[0].tokens.index(stop_tok)]
+    assert stopped[0].finish_reason == "stop"
+    for s, b in zip(stopped[1:], base[1:]):
+        if stop_tok not in b.tokens:
+            assert s.tokens == b.tokens and s.finish_reason == "length"
+    # a stop string cuts the text before it
+    text = base[1].text
+    needle = text[len(text) // 2: len(text) // 2 + 2]
+    assert needle.strip()
+    cut = [c[0] for c in engine.generate(ps, SamplingParams(max_tokens=10, stop=[needle], **GREEDY))]
+    assert cut[1].text == text[:text.find(needle)] and cut[1].finish_reason == "stop"
+    # max tokens
+    short = engine.generate(ps, SamplingParams(max_tokens=3, **GREEDY))
+    assert all(len(c[0].tokens) == 3 and c[0].finish_reason == "length" for c in short)
+
+
+def test_generation_stops_at_context_end(tiny_tokenizer):
+    eng = Engine(tiny_model(tiny_tokenizer, seq_len=32), tiny_tokenizer)
+    p = [tiny_tokenizer.bos_id] + tiny_tokenizer.encode("the king")[:5]
+    c = eng.generate([p], SamplingParams(max_tokens=100, **GREEDY))[0][0]
+    assert len(p) + len(c.tokens) == 32 and c.finish_reason == "length"
+
+
+def test_stream_deltas_concatenate_to_final_text(engine, tiny_tokenizer):
+    p = tiny_tokenizer.encode("héllo wörld the", bos=True)
+    for stop in ([], ["e "], ["th", "zzz"]):
+        params = SamplingParams(max_tokens=30, temperature=1.0, seed=5, stop=stop, stop_token_ids=[])
+        final = engine.generate([p], params)[0][0].text
+        assert "".join(engine.stream(p, params)) == final
+        assert "\ufffd" not in final[:-1]
+        for s in stop:
+            assert s not in final
+
+
+def test_session_matches_generate_and_keeps_history(engine, tiny_tokenizer):
+    p = tiny_tokenizer.encode("Speak, lord", bos=True)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    want = engine.generate([p], params)[0][0]
+    s = engine.session()
+    s.append(p)
+    deltas = []
+    got = s.generate(params, on_delta=deltas.append)
+    assert got.tokens == want.tokens and "".join(deltas) == want.text
+    assert s.tokens == p + want.tokens
+    # a second turn only prefills the new tokens, and equals generating from the whole history
+    more = tiny_tokenizer.encode(" and the queen")
+    s.append(more)
+    turn2 = s.generate(params)
+    assert turn2.tokens == engine.generate([p + want.tokens + more], params)[0][0].tokens
+    s.truncate(len(p))
+    s.append(more)
+    assert s.generate(params).tokens == engine.generate([p + more], params)[0][0].tokens
+
+
+@pytest.mark.parametrize("prompts,params,err", [
+    ([[]], SamplingParams(), PromptError),
+    ([], SamplingParams(), PromptError),
+    ([list(range(3)) * 60], SamplingParams(), PromptError),     # 180 tokens > 128 context
+    ([[1, 2, 3]], SamplingParams(n=0), ConfigError),
+    ([[1, 2, 3]], SamplingParams(stop=[""]), ConfigError),
+    ([[1, 2, 10 ** 6]], SamplingParams(), PromptError),
+])
+def test_errors(engine, prompts, params, err):
+    with pytest.raises(err):
+        engine.generate(prompts, params)
+
+
+def test_stream_requires_single_sample(engine):
+    with pytest.raises(ConfigError):
+        list(engine.stream([1, 2], SamplingParams(n=2)))
