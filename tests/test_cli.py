@@ -94,3 +94,23 @@ def test_corrupt_checkpoint(tiny_run, tmp_path, capsys):
     (bad / "model.safetensors").write_bytes(data[:100])
     assert main(["sample", str(bad), "--prompt", "x"]) == 2
     assert "corrupt" in _err(capsys)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_match_one_process(tmp_path, corpus_dir):
+    """DDP over 2 CPU ranks (gloo) with 4 rows each trains like one process with 8 rows."""
+    flags = ["--corpus", str(corpus_dir), "--vocab-size", "320", "--depth", "2", "--n-embd", "64", "--seq-len", "32",
+             "--total-batch-tokens", "0", "--minutes", "0", "--steps", "4", "--eval-every", "4", "--eval-tokens", "256",
+             "--no-progress", "--log-every", "1"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--nproc_per_node=2", "-m", "gptstack.cli", "pretrain", "--batch-size", "4",
+                        "--out", str(tmp_path / "ddp")] + flags, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert main(["pretrain", "--batch-size", "8", "--out", str(tmp_path / "one")] + flags) == 0
+
+    def losses(run):
+        return [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+    a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
+    assert len(a) == len(b) == 4
+    assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)

@@ -123,7 +123,6 @@ def test_stream_deltas_concatenate_to_final_text(engine, tiny_tokenizer):
         params = SamplingParams(max_tokens=30, temperature=1.0, seed=5, stop=stop, stop_token_ids=[])
         final = engine.generate([p], params)[0][0].text
         assert "".join(engine.stream(p, params)) == final
-        assert "\ufffd" not in final[:-1]
         for s in stop:
             assert s not in final
 

@@ -92,8 +92,12 @@ def cmd_pretrain(args) -> None:
     from .config import PretrainConfig
     from .train.pretrain import pretrain, sample_texts
 
+    from .train.loop import is_main_process
+
     cfg = config_from_args(PretrainConfig, args, args.preset)
     result = pretrain(cfg)
+    if not is_main_process():
+        return
     last = result.last
     print(f"\ndone: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min"
           + (f"; val bpb {last['val_bpb']:.4f}" if "val_bpb" in last else ""))

@@ -107,6 +107,10 @@ def distributed_context():
     return rank, world, int(os.environ.get("LOCAL_RANK", 0))
 
 
+def is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+
+
 def run_dir_in_use(out: Path) -> bool:
     return (out / "trainer_state.json").exists() or (out / "model.safetensors").exists()
 
@@ -265,10 +269,21 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     window_tokens, window_t = 0, time.time()
     interrupted = False
 
+    clock = {"elapsed": elapsed_before}
+
+    def tick() -> None:
+        """Read the clock once per step; under DDP rank 0's clock decides, so all ranks stop together."""
+        elapsed = elapsed_before + time.time() - t0
+        if world > 1 and budget_s:
+            t = torch.tensor([elapsed], dtype=torch.float64, device=device)
+            torch.distributed.broadcast(t, 0)
+            elapsed = float(t)
+        clock["elapsed"] = elapsed
+
     def progress() -> float:
         p = step / cfg.steps if cfg.steps else 0.0
         if budget_s:
-            p = max(p, (elapsed_before + time.time() - t0) / budget_s)
+            p = max(p, clock["elapsed"] / budget_s)
         return p
 
     def state_now(finished: bool) -> dict:
@@ -278,6 +293,9 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
 
     try:
         while progress() < 1.0 and (not cfg.steps or step < cfg.steps):
+            tick()
+            if progress() >= 1.0:
+                break
             mult = lr_multiplier(progress(), cfg)
             set_lr(optimizers, mult)
             train_model.train()
@@ -305,11 +323,17 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             step += 1
+            tick()
             bar.n = step if cfg.steps else int(min(budget_s, elapsed_before + time.time() - t0))
             bar.set_postfix(loss=f"{metrics_sum['loss']:.3f}", refresh=False)
             bar.update(0)
             done = progress() >= 1.0 or (cfg.steps and step >= cfg.steps)
             if step % cfg.log_every == 0 or done or step == start_step + 1:
+                if world > 1:  # log the mean over ranks, not rank 0's share of the batch
+                    keys = sorted(k for k in metrics_sum if k != "grad_norm")
+                    vals = torch.tensor([metrics_sum[k] for k in keys], dtype=torch.float64, device=device)
+                    torch.distributed.all_reduce(vals)
+                    metrics_sum.update({k: float(v) / world for k, v in zip(keys, vals.tolist())})
                 dt = max(1e-9, time.time() - window_t)
                 tps = window_tokens / dt
                 record = {"step": step, "tokens": tokens_seen, "lr_mult": round(mult, 5),
@@ -347,6 +371,8 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     seconds = elapsed_before + time.time() - t0
     last["train_seconds"] = round(seconds, 2)
     save_checkpoint(stage, model, optimizers, out, state_now(not interrupted), is_main)
+    if world > 1:
+        torch.distributed.barrier()  # the other ranks wait until rank 0's checkpoint is on disk
     if interrupted:
         print(f"\ninterrupted at step {step}; checkpoint saved to {out} (continue with --resume)")
         raise KeyboardInterrupt

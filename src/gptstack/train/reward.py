@@ -113,6 +113,7 @@ def bt_loss(model: RewardModel, batch: dict):
     B = r.shape[0] // 2
     rc, rr = r[:B], r[B:]
     loss = bradley_terry_loss(rc, rr)
+    r, rc, rr = r.detach(), rc.detach(), rr.detach()
     return loss, {"accuracy": float((rc > rr).float().mean()), "margin": float((rc - rr).mean()),
                   "reward_mean": float(r.mean())}
 

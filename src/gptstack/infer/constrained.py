@@ -1,0 +1,186 @@
+"""Constrained decoding: JSON Schema, regex and Lark grammars turned into per-step token masks by llguidance.
+
+    grammar = compile_grammar(json_schema={"type": "object", ...})     # ConfigError if invalid/unsupported
+    hook = GrammarHook(tokenizer, grammar)
+    out = engine.generate(prompts, grammar_params(params, tokenizer), hooks=[hook])
+
+llguidance walks the grammar against our BPE vocabulary (through its tiktoken adapter) and answers, for each
+row and step, the set of tokens that keep the output a prefix of something the grammar accepts; everything
+else gets -inf before sampling. `<|assistant_end|>` is the grammar's end-of-sequence token, so it is allowed
+exactly when the output is complete, and a row also stops as soon as the grammar admits nothing more. A row
+that finishes with reason "stop" therefore always parses (and validates, for a schema); one that runs out of
+tokens ("length") may not, and `check_complete` says so with an actionable message.
+
+JSON is compiled without flexible whitespace (compact separators): otherwise an untrained or unsure model can
+spend its whole budget on spaces between tokens the grammar would accept.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DependencyError, GptstackError
+from .sampling import SamplingParams
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def _llg():
+    try:
+        import llguidance
+    except ImportError as e:  # pragma: no cover - llguidance is a core dependency
+        raise DependencyError(f"constrained decoding needs llguidance ({e}); pip install llguidance") from None
+    return llguidance
+
+
+@functools.lru_cache(maxsize=8)
+def _ll_tokenizer_cached(key, tokenizer):
+    from llguidance.tiktoken import lltokenizer_from_encoding
+
+    return lltokenizer_from_encoding(tokenizer.enc, n_vocab=tokenizer.vocab_size, eos_token=tokenizer.assistant_end_id)
+
+
+def ll_tokenizer(tokenizer):
+    """llguidance's view of our vocabulary (about a second to build, cached per tokenizer)."""
+    return _ll_tokenizer_cached((tokenizer.fingerprint(), id(tokenizer)), tokenizer)
+
+
+def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None = None, lark: str | None = None,
+                    tokenizer=None) -> str:
+    """An llguidance grammar from exactly one of a JSON schema, a regex or a Lark grammar; checked now, so a
+    bad one is a ConfigError before any generation starts."""
+    llg = _llg()
+    given = [k for k, v in (("json_schema", json_schema), ("regex", regex), ("lark", lark)) if v is not None]
+    if len(given) != 1:
+        raise ConfigError("give exactly one of a JSON schema, a regex or a Lark grammar")
+    try:
+        if json_schema is not None:
+            schema = json.loads(json_schema) if isinstance(json_schema, str) else json_schema
+            if not isinstance(schema, (dict, bool)):
+                raise ConfigError("a JSON schema must be a JSON object")
+            _check_schema_itself(schema)
+            grammar = llg.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+        elif regex is not None:
+            if not regex:
+                raise ConfigError("the regex is empty")
+            grammar = llg.LLMatcher.grammar_from_regex(regex)
+        else:
+            if not lark.strip():
+                raise ConfigError("the grammar is empty")
+            grammar = llg.LLMatcher.grammar_from_lark(lark)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"the JSON schema is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except ValueError as e:
+        raise ConfigError(f"cannot compile the {given[0].replace('_', ' ')}: {e}") from None
+    is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
+        grammar, ll_tokenizer(tokenizer) if tokenizer is not None else None)
+    if is_error:
+        what = given[0].replace("_", " ")
+        raise ConfigError(f"unsupported or invalid {what}: {messages[0].splitlines()[0] if messages else 'rejected'}")
+    return grammar
+
+
+def _check_schema_itself(schema) -> None:
+    """Reject schemas that are not valid JSON Schema (llguidance is lenient about some of these)."""
+    try:
+        import jsonschema
+    except ImportError:
+        return
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise ConfigError(f"invalid JSON schema: {e.message}") from None
+
+
+def grammar_params(params: SamplingParams, tokenizer) -> SamplingParams:
+    """`params` with <|assistant_end|> among the stop tokens (the grammar's end of sequence)."""
+    from dataclasses import replace
+
+    stops = list(params.stop_token_ids) if params.stop_token_ids is not None else [tokenizer.assistant_end_id,
+                                                                                   tokenizer.bos_id]
+    if tokenizer.assistant_end_id not in stops:
+        stops.append(tokenizer.assistant_end_id)
+    return replace(params, stop_token_ids=stops)
+
+
+class GrammarHook:
+    """A LogitsHook: one llguidance matcher per generation row, masks computed for the active rows each step
+    (in parallel across rows when there are several), applied as -inf on the logits."""
+
+    def __init__(self, tokenizer, grammar: str, vocab_size: int | None = None):
+        llg = _llg()
+        self.llg = llg
+        self.tokenizer = tokenizer
+        self.grammar = grammar
+        self.lltok = ll_tokenizer(tokenizer)
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        self.words = (self.vocab_size + 31) // 32
+        self.matchers: list = []
+        self.executor = None
+        self.mask_seconds = 0.0     # time spent computing and applying masks (for the benchmark)
+        self.mask_calls = 0
+
+    def start(self, n_rows: int) -> None:
+        proto = self.llg.LLMatcher(self.lltok, self.grammar, log_level=0)
+        if proto.is_error():
+            raise ConfigError(f"grammar rejected: {proto.get_error()}")
+        self.matchers = [proto] + [proto.deep_copy() for _ in range(n_rows - 1)]
+        self.bitmask = np.full((n_rows, self.words), -1, dtype=np.int32)
+        if n_rows > 1 and self.executor is None:
+            self.executor = self.llg.LLExecutor()
+
+    def process(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        import time
+
+        t0 = time.perf_counter()
+        row_list = rows.tolist()
+        mask = self.bitmask[:len(row_list)]
+        if len(row_list) == 1:
+            m = self.matchers[row_list[0]]
+            m.unsafe_compute_mask_ptr(mask.ctypes.data, self.words * 4)
+        else:
+            self.executor.unsafe_compute_mask_ptr([(self.matchers[r], i) for i, r in enumerate(row_list)],
+                                                  mask.ctypes.data, self.words * 4, len(row_list))
+        for i, r in enumerate(row_list):
+            if self.matchers[r].is_error():
+                raise GptstackError(f"constrained decoding failed: {self.matchers[r].get_error()}")
+        allowed = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :logits.size(-1)]
+        allowed = torch.from_numpy(allowed).to(device=logits.device, dtype=torch.bool)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        self.mask_seconds += time.perf_counter() - t0
+        self.mask_calls += len(row_list)
+        return logits
+
+    def accept(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        for r, t in zip(rows.tolist(), tokens.tolist()):
+            if not self.matchers[r].consume_token(t):
+                raise GptstackError(f"constrained decoding failed: token {t} rejected "
+                                    f"({self.matchers[r].get_error()})")
+
+    def finished(self, row: int) -> bool:
+        return self.matchers[row].is_stopped()
+
+    def forced_tokens(self, row: int) -> list[int]:
+        """Tokens the grammar forces next (no choice left), for fast-forwarding."""
+        return self.matchers[row].compute_ff_tokens()
+
+    def accepting(self, row: int) -> bool:
+        return self.matchers[row].is_accepting()
+
+
+def check_complete(completion, what: str = "output") -> None:
+    """A ConfigError if a constrained completion ran out of tokens before its grammar completed."""
+    if completion.finish_reason != "stop":
+        raise ConfigError(f"the {what} hit --max-tokens ({len(completion.tokens)} tokens) before the grammar "
+                          "completed, so it may not parse; raise --max-tokens")
+
+
+def generate_constrained(engine, prompts: Sequence[Sequence[int]], params: SamplingParams, grammar: str):
+    """Generate with a grammar; returns engine.generate's results (rows ending 'stop' are complete)."""
+    hook = GrammarHook(engine.tokenizer, grammar, engine.config.vocab_size)
+    return engine.generate(prompts, grammar_params(params, engine.tokenizer), hooks=[hook])
