@@ -16,3 +16,18 @@ def tiny_model(tokenizer, seed: int = 0, seq_len: int = 128, qk_norm: bool = Tru
             if p.dim() == 2:
                 p.normal_(0, 0.3)
     return m.eval()
+
+
+def save_run(run_dir, model: GPT, tokenizer) -> str:
+    """A minimal run directory (weights, config, tokenizer) that `load_model` accepts."""
+    from pathlib import Path
+
+    from gptstack.train.checkpoint import atomic_write_json, save_weights
+
+    d = Path(run_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("rope_")}
+    save_weights(d / "model.safetensors", state, {"checkpoint_id": "test"})
+    atomic_write_json(d / "config.json", {"model": model.config.to_dict(), "stage": "test"})
+    tokenizer.save(d / "tokenizer")
+    return str(d)

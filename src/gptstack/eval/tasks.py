@@ -120,9 +120,10 @@ def _self_consistency_mode(self_consistency, k: int) -> ModeFn:
 
 
 def default_max_tokens(tokenizer, examples) -> int:
-    """Room for the longest reference answer twice over (a model that rambles is cut off, and wrong)."""
+    """Room for the longest reference answer and a margin: a right answer never needs more, and a model that
+    rambles is cut off (and scored) there instead of costing a full context of decoding."""
     longest = max((len(tokenizer.encode(e.reference())) for e in examples), default=16)
-    return min(256, 2 * longest + 8)
+    return min(256, longest + longest // 4 + 16)
 
 
 def evaluate_tasks(model, tokenizer, task_names: Sequence[str] | str = "all", n: int = 100,

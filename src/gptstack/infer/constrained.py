@@ -27,6 +27,7 @@ import torch
 from ..errors import ConfigError, DependencyError, GptstackError
 from .sampling import SamplingParams
 
+_NAMES = {"json_schema": "JSON schema", "regex": "regex", "lark": "Lark grammar"}
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
@@ -76,11 +77,11 @@ def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None 
     except json.JSONDecodeError as e:
         raise ConfigError(f"the JSON schema is not valid JSON ({e.msg} at line {e.lineno})") from None
     except ValueError as e:
-        raise ConfigError(f"cannot compile the {given[0].replace('_', ' ')}: {e}") from None
+        raise ConfigError(f"cannot compile the {_NAMES[given[0]]}: {e}") from None
     is_error, messages = llg.LLMatcher.validate_grammar_with_warnings(
         grammar, ll_tokenizer(tokenizer) if tokenizer is not None else None)
     if is_error:
-        what = given[0].replace("_", " ")
+        what = _NAMES[given[0]]
         raise ConfigError(f"unsupported or invalid {what}: {messages[0].splitlines()[0] if messages else 'rejected'}")
     return grammar
 

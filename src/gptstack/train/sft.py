@@ -21,11 +21,13 @@ import random
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..config import TrainConfig, config_to_dict
 from ..errors import CheckpointError, ConfigError, DataError
-from .loop import Stage, TrainResult, distributed_context, train
+
+if TYPE_CHECKING:  # torch and the loop are imported when training starts, so `gptstack --help` stays fast
+    from .loop import TrainResult
 
 DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -140,15 +142,17 @@ def trained_tokens(batch: dict) -> int:
     return int((batch["targets"] >= 0).sum())
 
 
-@torch.no_grad()
 def masked_val_loss(model, batches: list[dict]) -> dict:
     """Mean CE over the assistant tokens of the held-out batches (summed, then divided once)."""
+    import torch
+
     total, count = 0.0, 0
-    for batch in batches:
-        n = trained_tokens(batch)
-        loss, _ = sft_loss(model, batch)
-        total += float(loss) * n
-        count += n
+    with torch.no_grad():
+        for batch in batches:
+            n = trained_tokens(batch)
+            loss, _ = sft_loss(model, batch)
+            total += float(loss) * n
+            count += n
     return {"val_loss": total / max(1, count)}
 
 
@@ -185,6 +189,7 @@ def load_parent(run_dir: str | Path, device):
 def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
     from ..config import resolve_device
     from ..data.chat import ChatBatches, encode_conversations
+    from .loop import Stage, distributed_context, train
 
     parent = Path(run_dir)
     rank, world, _ = distributed_context()

@@ -1,0 +1,157 @@
+"""The main job: one command runs every stage and writes a report that measures the field's claims.
+
+    tokenizer -> pretrain -> SFT (full) -> SFT (LoRA) -> preference sampling -> reward model
+              -> RL (GRPO, task reward) -> RL (PPO, reward model) -> DPO -> evaluation -> report
+
+Each stage is the same library call a user makes through the CLI (the pipeline literally runs the CLI's
+commands in-process), writes under RUN_ROOT, and is skipped when its finished output exists, so an
+interrupted pipeline resumes where it stopped (a half-finished training stage continues with --resume).
+Budgets are wall-clock minutes per stage, so the tiny preset fits ~15 minutes on a 2-core CPU whatever
+the machine's speed; GPU presets scale the same stages by token budgets instead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError, GptstackError
+
+STAGES = ["pretrain", "sft", "sft_lora", "preferences", "reward", "grpo", "ppo", "dpo", "eval", "report"]
+
+# Per-preset stage flags. Minutes are wall-clock training budgets (the LR schedule follows the clock).
+PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
+    "tiny": {
+        "pretrain": ["--preset", "tiny", "--minutes", "5.5"],
+        "sft": ["--minutes", "1.8"],
+        "sft_lora": ["--lora", "--minutes", "1.2"],
+        "preferences": ["--samples-per-prompt", "4", "--prompts-per-task", "24"],
+        "reward": ["--minutes", "0.5"],
+        "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "1.2"],
+        "ppo": ["--algo", "ppo", "--minutes", "1.0"],
+        "dpo": ["--minutes", "0.5"],
+        "eval": ["--n-examples", "24"],
+    },
+    "d12": {
+        "pretrain": ["--preset", "d12"],
+        "sft": ["--steps", "1500"],
+        "sft_lora": ["--lora", "--steps", "1500"],
+        "preferences": ["--samples-per-prompt", "8", "--prompts-per-task", "256"],
+        "reward": ["--steps", "500"],
+        "grpo": ["--algo", "grpo", "--reward", "task", "--steps", "300"],
+        "ppo": ["--algo", "ppo", "--steps", "300"],
+        "dpo": ["--steps", "500"],
+        "eval": ["--n-examples", "200"],
+    },
+}
+PIPELINE_PRESETS["d20"] = {**PIPELINE_PRESETS["d12"], "pretrain": ["--preset", "d20"]}
+
+
+@dataclass
+class PipelineConfig:
+    preset: str = "tiny"
+    out: str = "runs/tiny"
+    corpus: str = "shakespeare"
+    only: str = ""     # comma-separated stages to run (others must already exist if needed)
+    skip: str = ""     # comma-separated stages to leave out
+    seed: int = 0
+
+
+def _finished(run: Path) -> bool:
+    state = run / "trainer_state.json"
+    return state.exists() and bool(json.loads(state.read_text()).get("finished"))
+
+
+def _started(run: Path) -> bool:
+    return (run / "trainer_state.json").exists()
+
+
+def _selected(cfg: PipelineConfig) -> list[str]:
+    only = [s for s in cfg.only.split(",") if s]
+    skip = [s for s in cfg.skip.split(",") if s]
+    for s in only + skip:
+        if s not in STAGES:
+            raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(STAGES)}")
+    return [s for s in STAGES if (not only or s in only) and s not in skip]
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    from .cli import main as cli
+
+    if cfg.preset not in PIPELINE_PRESETS:
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose {', '.join(PIPELINE_PRESETS)}")
+    flags = PIPELINE_PRESETS[cfg.preset]
+    root = Path(cfg.out)
+    root.mkdir(parents=True, exist_ok=True)
+    record_path = root / "pipeline.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    record.update({"preset": cfg.preset, "corpus": cfg.corpus})
+    record.setdefault("stages", {})
+    paths = {"base": root / "base", "sft": root / "sft", "sft_lora": root / "sft_lora", "prefs": root / "prefs.jsonl",
+             "rm": root / "rm", "grpo": root / "grpo", "ppo": root / "ppo", "dpo": root / "dpo"}
+
+    def train_stage(name: str, out: Path, argv: list[str]) -> None:
+        if _finished(out):
+            return _mark(name, "reused")
+        resume = ["--resume"] if _started(out) else []
+        _run(name, argv + ["--out", str(out), "--seed", str(cfg.seed), "--no-progress"] + resume)
+
+    def _run(name: str, argv: list[str]) -> None:
+        print(f"\n=== {name}: gptstack {' '.join(argv)}", flush=True)
+        t0 = time.time()
+        code = cli(argv)
+        if code != 0:
+            _mark(name, "failed", time.time() - t0)
+            raise GptstackError(f"stage {name} failed (exit {code}); fix the error above and rerun the same command "
+                                "to continue from this stage")
+        _mark(name, "done", time.time() - t0)
+
+    def _mark(name: str, status: str, seconds: float | None = None) -> None:
+        entry = record["stages"].setdefault(name, {})
+        entry["status"] = status
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 1)
+        record_path.write_text(json.dumps(record, indent=2))
+
+    stages = _selected(cfg)
+    t_start = time.time()
+    for name in stages:
+        if name == "pretrain":
+            train_stage(name, paths["base"], ["pretrain", "--corpus", cfg.corpus] + flags["pretrain"])
+        elif name == "sft":
+            train_stage(name, paths["sft"], ["sft", str(paths["base"])] + flags["sft"])
+        elif name == "sft_lora":
+            train_stage(name, paths["sft_lora"], ["sft", str(paths["base"])] + flags["sft_lora"])
+        elif name == "preferences":
+            if paths["prefs"].exists():
+                _mark(name, "reused")
+            else:
+                _run(name, ["preferences", str(paths["sft"]), "--out", str(paths["prefs"]), "--seed", str(cfg.seed)]
+                     + flags["preferences"])
+        elif name == "reward":
+            train_stage(name, paths["rm"], ["reward", str(paths["sft"]), "--prefs", str(paths["prefs"])] + flags["reward"])
+        elif name == "grpo":
+            train_stage(name, paths["grpo"], ["rl", str(paths["sft"])] + flags["grpo"])
+        elif name == "ppo":
+            train_stage(name, paths["ppo"], ["rl", str(paths["sft"]), "--reward", f"rm:{paths['rm']}"] + flags["ppo"])
+        elif name == "dpo":
+            train_stage(name, paths["dpo"], ["dpo", str(paths["sft"]), "--prefs", str(paths["prefs"])] + flags["dpo"])
+        elif name == "eval":
+            t0 = time.time()
+            from .eval.pipeline_eval import evaluate_pipeline
+
+            n = int(flags["eval"][flags["eval"].index("--n-examples") + 1])
+            fresh = evaluate_pipeline(root, n_examples=n, seed=cfg.seed)
+            _mark(name, "done" if fresh else "reused", time.time() - t0 if fresh else None)
+        elif name == "report":
+            from .eval.report import build_report
+
+            t0 = time.time()
+            path = build_report(root)
+            _mark(name, "done", time.time() - t0)
+            print(f"\nreport: {path.resolve()}")
+    record["total_seconds_this_run"] = round(time.time() - t_start, 1)
+    record_path.write_text(json.dumps(record, indent=2))
+    return root / "report.html"

@@ -1,0 +1,87 @@
+"""`gptstack chat` and `generate` through the CLI: multi-turn chat over stdin, one-shot, and every bad input
+giving one line and exit 2."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from _infer_util import save_run, tiny_model
+from gptstack.cli import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_tokenizer):
+    return save_run(tmp_path_factory.mktemp("run") / "chat", tiny_model(tiny_tokenizer, seq_len=96), tiny_tokenizer)
+
+
+def gptstack(*args, stdin=""):
+    return subprocess.run([sys.executable, "-m", "gptstack.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=ENV, timeout=120)
+
+
+def test_chat_multi_turn_over_stdin_with_commands_and_trimming(run_dir):
+    # a 96-token context and 40-token replies: the third turn has to drop the oldest ones
+    lines = ["Hello there my lord", "/temp 0", "What news of the king", "/system Be brief.",
+             "Speak again good lady", "/bogus", "And then", "/reset", "Fair day", "/quit", "never read"]
+    r = gptstack("chat", run_dir, "--max-tokens", "40", "--seed", "0", stdin="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert "[temperature 0.0]" in out and "[system prompt set]" in out and "[conversation reset]" in out
+    assert "unknown command /bogus" in out
+    assert "context full: dropped the" in out
+    assert "never read" not in out
+
+
+def test_chat_one_shot_prints_reply_and_exits(run_dir):
+    r = gptstack("chat", run_dir, "-p", "Good morrow", "--max-tokens", "8", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    again = gptstack("chat", run_dir, "-p", "Good morrow", "--max-tokens", "8", "--temperature", "0")
+    assert r.stdout == again.stdout and r.stdout.endswith("\n")
+
+
+def test_generate_json_schema_output_validates(run_dir, tmp_path):
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "n": {"type": "integer", "minimum": 1, "maximum": 50}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps(schema))
+    r = gptstack("generate", run_dir, "--prompt", "x", "--json-schema", str(f), "--json", "--n", "3", "--seed", "1")
+    assert r.returncode == 0, r.stderr
+    for c in json.loads(r.stdout)["completions"]:
+        jsonschema.validate(json.loads(c["text"]), schema)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "{run}", "--prompt", ""], "empty"),
+    (["generate", "{run}", "--prompt", "the king " * 80], "context"),
+    (["generate", "{run}", "--prompt", "x", "--stop", ""], "stop sequences"),
+    (["generate", "{run}", "--prompt", "x", "--n", "0"], "at least 1"),
+    (["generate", "{run}", "--prompt", "x", "--best-of", "0", "--reward", "rm:{run}"], "at least 1"),
+    (["generate", "{run}", "--prompt", "x", "--best-of", "2", "--reward", "rm:/nonexistent/rm"], "does not exist"),
+    (["generate", "{run}", "--prompt", "x", "--json-schema", "{bad_schema}"], "JSON schema"),
+    (["generate", "{run}", "--prompt", "x", "--regex", "(a"], "regex"),
+    (["generate", "{run}", "--prompt", "x", "--n", "2", "--vote", "no_such_task"], "unknown task"),
+    (["generate", "{run}", "--prompt", "x", "--retrieve", "{bm25_index}", "--embedder", "minilm"], "built with"),
+    (["chat", "/nonexistent/run", "-p", "hi"], "not a run directory"),
+    (["chat", "{run}", "-p", "hi", "--mix-base", "{run}", "--mix-weight", "2"], "mix-weight"),
+])
+def test_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys, args, needle):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"type": "integer", "minimum": 5, "maximum": 1}')
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("The capital of Zorvania is Kelmith.")
+    idx = tmp_path / "idx"
+    assert main(["index", str(docs), "--out", str(idx), "--embedder", "bm25"]) == 0
+    capsys.readouterr()
+    argv = [a.format(run=run_dir, bad_schema=bad, bm25_index=idx) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err

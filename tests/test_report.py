@@ -1,0 +1,227 @@
+"""The pipeline report: built from a synthetic RUN_ROOT (well-formed fake metrics and eval JSON written here),
+checked as data, as files, and in a real headless Chromium (rendering, plots loaded, links, console)."""
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from gptstack.errors import DataError
+from gptstack.eval.report import build_report, collect
+
+NASTY = '<script>alert("x")</script> & <b>bold</b>'
+TASKS = ("arithmetic_direct", "arithmetic_cot", "spelling", "extraction")
+
+
+def _write_run(d: Path, train: list[dict], evals: list[dict], last: dict, elapsed: float, config: dict | None = None):
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps(config or {"kind": "lm"}))
+    lines = [json.dumps(r) for r in train + evals]
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    step = max(r["step"] for r in train)
+    (d / "trainer_state.json").write_text(json.dumps(
+        {"step": step, "tokens": step * 8192, "elapsed": elapsed, "finished": True, "last": last}))
+
+
+def _train(n, **curves):
+    return [{"step": s, "tokens": s * 8192, "lr_mult": 1.0, "tok_per_s": 1500.0, "elapsed": s * 2.0,
+             **{k: round(f(s), 5) for k, f in curves.items()}} for s in range(1, n + 1)]
+
+
+def _eval(stage, base_acc, div=None, mixed=None, extra=None):
+    tasks = {t: {"greedy": min(1.0, base_acc + 0.1 * i), "sample": max(0.0, base_acc - 0.05)}
+             for i, t in enumerate(TASKS)}
+    out = {"stage": stage, "tasks": tasks,
+           "samples": [{"prompt": "What is 2 + 3?", "reply": "5", "task": "arithmetic_direct", "reward": 1.0},
+                       {"prompt": [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": f"Spell {NASTY}"}],
+                        "reply": f"reply {NASTY}", "task": "spelling", "reward": 0.0}]}
+    if div:
+        out["diversity"] = div
+    if mixed:
+        out["diversity_mixed"] = mixed
+    out.update(extra or {})
+    return out
+
+
+def _div(quality, entropy, d2, bleu):
+    return {"distinct_1": d2 * 0.7, "distinct_2": d2, "distinct_3": min(1.0, d2 * 1.1), "self_bleu": bleu,
+            "embedding_similarity": bleu * 0.9 + 0.1, "entropy": entropy, "quality": quality, "n_prompts": 8, "k": 4}
+
+
+def make_run_root(root: Path) -> Path:
+    model = {"vocab_size": 8192, "n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 4, "mlp_hidden": 704,
+             "seq_len": 256}
+    (root / "tokenizer").mkdir(parents=True)
+    (root / "tokenizer" / "meta.json").write_text(json.dumps({"vocab_size": 8192}))
+    _write_run(root / "base", _train(60, loss=lambda s: 3 + 6 * math.exp(-s / 12) + 0.1 * math.sin(s)),
+               [{"step": s, "tokens": s * 8192, "val_loss": 3.2 + 6 * math.exp(-s / 12),
+                 "val_bpb": 1.5 + 2.5 * math.exp(-s / 12)} for s in (20, 40, 60)],
+               {"val_bpb": 1.5 + 2.5 * math.exp(-5), "val_loss": 3.25}, 361.0,
+               {"kind": "lm", "model": model, "data": {"train_tokens": 1_200_000}})
+    for name, scale in (("sft", 1.0), ("sft_lora", 1.3)):
+        _write_run(root / name, _train(40, loss=lambda s, k=scale: k * (1 + 2 * math.exp(-s / 8))),
+                   [{"step": s, "tokens": s * 8192, "val_loss": scale * (1.1 + 2 * math.exp(-s / 8))} for s in (20, 40)],
+                   {"val_loss": scale * 1.15}, 120.0 * scale)
+    (root / "prefs.jsonl").write_text("".join(json.dumps({"prompt": "p", "chosen": "a", "rejected": "b"}) + "\n"
+                                              for _ in range(37)))
+    _write_run(root / "rm", _train(30, accuracy=lambda s: 0.5 + 0.4 * (1 - math.exp(-s / 8)),
+                                   margin=lambda s: 2 * (1 - math.exp(-s / 8))),
+               [{"step": 30, "tokens": 30 * 8192, "val_accuracy": 0.81, "val_margin": 1.6, "val_loss": 0.42}],
+               {"val_accuracy": 0.81, "val_margin": 1.6, "val_loss": 0.42, "accuracy": 0.88}, 60.0)
+    _write_run(root / "grpo", _train(50, reward=lambda s: 0.3 + 0.5 * (1 - math.exp(-s / 15)) + 0.05 * math.sin(3 * s),
+                                     kl=lambda s: 0.002 * s, entropy=lambda s: 1.8 * math.exp(-s / 40), loss=lambda s: 0.1),
+               [], {"reward": 0.78, "kl": 0.1, "entropy": 0.5}, 240.0)
+    _write_run(root / "dpo", _train(30, accuracy=lambda s: 0.5 + 0.3 * s / 30, reward_margin=lambda s: 0.05 * s,
+                                    loss=lambda s: 0.69 - 0.01 * s),
+               [{"step": 30, "tokens": 0, "val_accuracy": 0.74, "val_reward_margin": 1.2}],
+               {"val_accuracy": 0.74, "val_reward_margin": 1.2}, 90.0)
+    (root / "eval").mkdir()
+    evals = {
+        "base": _eval("base", 0.0, _div(0.05, 2.9, 0.85, 0.08)),
+        "sft": _eval("sft", 0.35, _div(0.40, 1.4, 0.55, 0.30), _div(0.33, 2.1, 0.72, 0.15),
+                     {"json_validity": {"constrained": 1.0, "unconstrained": 0.62}}),
+        "sft_lora": _eval("sft_lora", 0.3, _div(0.36, 1.5, 0.6, 0.27)),
+        "grpo": _eval("grpo", 0.55, _div(0.62, 0.7, 0.35, 0.55), _div(0.55, 1.5, 0.6, 0.3),
+                      {"json_validity": {"constrained": 1.0, "unconstrained": 0.7}}),
+        "dpo": _eval("dpo", 0.45, _div(0.5, 1.0, 0.45, 0.4)),
+    }
+    for t in evals["grpo"]["tasks"].values():
+        t.update(vote=min(1.0, t["greedy"] + 0.05), best_of=min(1.0, t["greedy"] + 0.08))
+    for name, ev in evals.items():
+        (root / "eval" / f"{name}.json").write_text(json.dumps(ev))
+    stages = {"tokenizer": 2.0, "base": 365.0, "sft": 125.0, "sft_lora": 160.0, "prefs": 30.0, "rm": 62.0,
+              "grpo": 245.0, "dpo": 95.0, "eval": 180.0}
+    pipeline = {"preset": "tiny", "stages": {k: {"seconds": v, "status": "done"} for k, v in stages.items()}}
+    pipeline["stages"]["ppo"] = {"seconds": 0.0, "status": "skipped"}
+    (root / "pipeline.json").write_text(json.dumps(pipeline))
+    return root
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = make_run_root(tmp_path_factory.mktemp("run"))
+    return build_report(root)
+
+
+# ---- data and files ---------------------------------------------------------------------------------------
+
+def test_report_files_and_numbers(report):
+    root = report.parent
+    assert report.name == "report.html" and (root / "report.md").exists()
+    j = json.loads((root / "report.json").read_text())
+    s = j["summary"]
+    assert s["preset"] == "tiny"
+    assert s["total_seconds"] == pytest.approx(2 + 365 + 125 + 160 + 30 + 62 + 245 + 95 + 180)
+    assert s["final_val_bpb"] == pytest.approx(1.5 + 2.5 * math.exp(-5))
+    assert s["best_stage"] == "grpo" and s["rm_val_accuracy"] == pytest.approx(0.81)
+    assert s["pretrain_tokens"] == 60 * 8192
+    status = {r["stage"]: r["status"] for r in j["stages"]}
+    assert status["ppo"] == "skipped" and status["base"] == "done"
+    assert any("PPO" in m and "skipped" in m for m in j["missing"])
+    assert set(j["plots"]) == {"time", "pretraining", "sft", "accuracy", "collapse", "rl", "rm", "dpo"}
+    for rel in j["plots"].values():
+        assert (root / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (root / "report.md").read_text()
+    assert "| SFT |" in md and "report_files/accuracy.png" in md and "35.0%" in md
+
+
+def test_html_is_self_contained_and_escaped(report):
+    page = report.read_text()
+    assert "<script" not in page.replace("&lt;script", "")          # the sample's <script> arrives escaped
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;" in page
+    assert "http://" not in page and "https://" not in page
+    assert page.count('src="data:image/png;base64,') == 8
+
+
+def test_missing_run_root_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        build_report(tmp_path / "nope")
+    with pytest.raises(DataError, match="no pipeline outputs"):
+        build_report(tmp_path)
+
+
+def test_cli_report(tmp_path, capsys):
+    from gptstack.cli import main
+
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("gptstack report: error:") and "does not exist" in err
+    root = tmp_path / "partial"
+    _write_run(root / "base", _train(5, loss=lambda s: 5.0 / s), [], {"val_bpb": 2.0}, 10.0)
+    assert main(["report", str(root)]) == 0
+    assert "report.html" in capsys.readouterr().out
+
+
+def test_partial_run_says_what_is_missing(tmp_path):
+    root = tmp_path / "run"
+    _write_run(root / "base", _train(5, loss=lambda s: 5.0 / s), [], {"val_bpb": 2.0}, 10.0)
+    (root / "sft").mkdir()
+    (root / "sft" / "metrics.jsonl").write_text('{"step": 1, "lr_mult": 1, "loss": 2.0}\n{"step": 2, "lr_')  # torn
+    (root / "pipeline.json").write_text(json.dumps({"stages": {"base": {"seconds": 10, "status": "done"},
+                                                               "sft": {"seconds": 3, "status": "failed",
+                                                                       "error": "out of <memory>"}}}))
+    page = build_report(root).read_text()
+    data = collect(root)
+    assert data["summary"]["failed"] == ["sft"]
+    assert any("Reward model" in m for m in data["missing"])
+    assert any("unreadable line" in n for n in data["notes"])
+    assert "out of &lt;memory&gt;" in page and "No evaluation results" in page
+
+
+# ---- in a real browser ------------------------------------------------------------------------------------
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+def _chromium() -> str:
+    for c in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"),
+              shutil.which("chromium-browser")):
+        if c and os.path.exists(c):
+            return c
+    pytest.skip("Debian's chromium is not installed (apt-get install chromium; `make browser` does it)")
+
+
+def test_report_in_headless_chromium(report, tmp_path):
+    exe = _chromium()
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the test extra)")
+    console, page_errors, requests = [], [], []
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_FLAGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: console.append((m.type, m.text)))
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(report.as_uri(), wait_until="load")
+            assert page.title().startswith("gptstack report")
+            assert page.inner_text("h1") == "gptstack run report"
+            for sid in ("stages", "pretraining", "sft", "accuracy", "collapse", "alignment", "samples"):
+                assert page.locator(f"section#{sid} h2").count() == 1, sid
+            imgs = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+            assert len(imgs) == 8
+            assert all(done and width > 0 for done, width, _ in imgs), imgs
+            hrefs = page.evaluate("Array.from(document.querySelectorAll('[href]')).map(a => a.getAttribute('href'))")
+            assert hrefs, "the section navigation is missing"
+            for h in hrefs:
+                assert h.startswith("#") and page.locator(h).count() == 1, f"broken link {h}"
+            assert page.evaluate("document.scripts.length") == 0
+            # the escaped sample shows as text, not markup
+            assert NASTY in page.inner_text("#samples")
+            assert page.locator("#samples b").count() == 0
+            cells = page.locator("#accuracy table").first.inner_text()
+            assert "SFT · LoRA" in cells and "35.0%" in cells
+            shot = tmp_path / "report.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("GPTSTACK_REPORT_SHOT"):
+                shutil.copy(shot, os.environ["GPTSTACK_REPORT_SHOT"])
+        finally:
+            browser.close()
+    assert not page_errors, page_errors
+    assert not [t for kind, t in console if kind == "error"], console
+    assert all(u.startswith(("file:", "data:")) for u in requests), requests
