@@ -55,7 +55,6 @@ def test_weight_zero_is_chat_model_and_rows_stay_in_sync(models, tiny_tokenizer)
 
 
 def test_entropy_gate_weight():
-    hook = MixingHook(torch.nn.Linear(1, 1), 0.8, mode="entropy") if False else None  # noqa - see below
     from gptstack.infer import mixing
 
     chat = torch.tensor([[10.0, 0.0, 0.0, 0.0]])        # confident

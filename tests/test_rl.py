@@ -192,3 +192,13 @@ def test_cli_errors_exit_2(run, tmp_path, capsys):
     assert main(["rl", str(run), "--reward", f"rm:{tmp_path}/nope", "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 4 and all(line.startswith("gptstack ") and "error:" in line for line in err)
+
+
+@pytest.mark.slow
+def test_semantic_and_task_rewards_end_to_end(run, tmp_path):
+    """The packaged MiniLM loads offline and scores replies against the reference (~20 s: model import)."""
+    pytest.importorskip("sentence_transformers")
+    from gptstack.train.rl import train_rl
+
+    result = train_rl(run, rl_cfg(tmp_path / "sem", reward="task=0.5,semantic", kl_coef=0.0))
+    assert result.steps == 1 and "reward_semantic" in result.last and -1 <= result.last["reward_semantic"] <= 1

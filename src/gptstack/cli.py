@@ -697,7 +697,23 @@ def cmd_report(args) -> None:
     print(f"report: {path}  (also report.md, report.json)")
 
 
+def cmd_pipeline(args) -> None:
+    from .pipeline import PipelineConfig, run_pipeline
+
+    cfg = config_from_args(PipelineConfig, args)
+    report = run_pipeline(cfg)
+    if report.exists():
+        print(f"open {report.resolve()}")
+
+
 def register_pipeline_commands(sub) -> None:
+    from .pipeline import PipelineConfig
+
+    p = sub.add_parser("pipeline", help="run every stage (tokenizer -> pretrain -> SFT -> RM -> RL/DPO -> eval -> "
+                       "report); finished stages are reused")
+    add_config_flags(p, PipelineConfig)
+    p.set_defaults(func=cmd_pipeline)
+
     p = sub.add_parser("report", help="rebuild the HTML/Markdown/JSON report of a pipeline run from its directories")
     p.add_argument("run_root", help="the pipeline's output directory (RUN_ROOT)")
     p.set_defaults(func=cmd_report)

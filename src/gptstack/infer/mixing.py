@@ -18,7 +18,6 @@ Tokens the chat logits have at -inf (a grammar hook ran first) stay impossible.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Sequence
 
 import torch

@@ -453,7 +453,9 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     model = PolicyWithValue(policy).to(device) if cfg.algo == "ppo" else policy
     batches = RolloutBatches(cfg, model, ref, tok, train_ex, reward_fn, kl, device)
-    cfg = replace(cfg, total_batch_tokens=0)
+    # what the loop's plan line shows: rows x new tokens per optimizer step
+    cfg = replace(cfg, total_batch_tokens=0, batch_size=max(1, cfg.n_prompts * cfg.samples // cfg.minibatches),
+                  seq_len=max(2, cfg.max_new_tokens))
     loss = (lambda m, b: ppo_loss(m, b, cfg)) if cfg.algo == "ppo" else (lambda m, b: grpo_loss(m, b, cfg))
 
     def save(m, run_dir, cid):

@@ -130,12 +130,27 @@ def sft_loss(model, batch: dict):
     doc_ids = batch["doc_ids"]
     if int(doc_ids.max()) > 0:   # some row holds more than one conversation
         x, y = batch["input_ids"].to(dev), batch["targets"].to(dev)
-        loss = model(x, y, position_ids=batch["position_ids"].to(dev), attn_mask=block_causal_mask(doc_ids.to(dev)))
+        kw = {"position_ids": batch["position_ids"].to(dev), "attn_mask": block_causal_mask(doc_ids.to(dev))}
     else:
         used = int((doc_ids >= 0).sum(dim=1).max())  # trailing padding columns do no work
         x, y = batch["input_ids"][:, :used].to(dev), batch["targets"][:, :used].to(dev)
-        loss = model(x, y)
-    return loss, {}
+        kw = {}
+    return masked_ce(model, x, y, **kw), {}
+
+
+def masked_ce(model, x, y, **kw):
+    """model(x, y, **kw), but the vocabulary projection runs only at trained positions: in SFT most positions
+    are prompt or padding, and the head is a large share of a small model's FLOPs. Under DDP the wrapper's
+    forward must run (it prepares the gradient all-reduce), so there the plain forward is used."""
+    import torch
+    import torch.nn.functional as F
+
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) or not hasattr(model, "hidden_states"):
+        return model(x, y, **kw)
+    h = model.hidden_states(x, **kw)
+    keep = y >= 0
+    logits = model.lm_head(h[keep])
+    return F.cross_entropy(logits.float(), y[keep])
 
 
 def trained_tokens(batch: dict) -> int:
@@ -226,6 +241,9 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
 
         if cfg.qlora:
             quantize_4bit(model)
+        import torch
+
+        torch.manual_seed(cfg.seed)  # LoRA's A factors start random: the same seed gives the same adapter
         model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
         adapter_info = {"lora": True, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                         "targets": parse_targets(cfg.lora_targets), "qlora": cfg.qlora,

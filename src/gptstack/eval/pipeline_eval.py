@@ -1,0 +1,135 @@
+"""Evaluate every finished stage of a pipeline run into RUN_ROOT/eval/<stage>.json (the report's input).
+
+Per stage: task accuracy (greedy and sampled pass@1) on every task's test split; self-consistency vote on
+the chain-of-thought tasks and best-of-n by the reward model (chat stages); JSON validity of the extraction
+task with and without the llguidance schema constraint; and model collapse — diversity, entropy and quality
+of K samples per prompt, also for the chat model mixed with its base model. A stage whose eval is newer
+than its checkpoint is not evaluated again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo", "dpo": "dpo"}
+VOTE_TASKS = ["arithmetic_cot"]
+DIVERSITY_TASKS = ["greetings", "shakespeare"]
+
+
+def _finished(run: Path) -> bool:
+    state = run / "trainer_state.json"
+    return state.exists() and bool(json.loads(state.read_text()).get("finished"))
+
+
+def json_validity(model, tokenizer, n: int, seed: int) -> dict:
+    """Fraction of extraction replies that parse as JSON and validate against the task's schema,
+    greedy, without and with the schema constraint."""
+    import jsonschema
+
+    from ..data.tasks import get_task
+    from ..infer.constrained import compile_grammar, generate_constrained
+    from ..infer.engine import Engine
+    from ..infer.sampling import SamplingParams
+
+    task = get_task("extraction")
+    examples = task.generate("test", n, seed)
+    engine = Engine(model, tokenizer)
+    prompts = [tokenizer.render_prompt(e.prompt_messages()) for e in examples]
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+
+    def valid(text: str) -> bool:
+        try:
+            jsonschema.validate(json.loads(text), task.SCHEMA)
+            return True
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            return False
+
+    free = [row[0].text for row in engine.generate(prompts, params)]
+    grammar = compile_grammar(json_schema=task.SCHEMA)
+    constrained = [row[0] for row in generate_constrained(engine, prompts, SamplingParams(temperature=0.0, max_tokens=64), grammar)]
+    return {"unconstrained": sum(map(valid, free)) / n,
+            "constrained": sum(valid(c.text) for c in constrained) / n,
+            "constrained_accuracy": sum(task.check(e, c.text) for e, c in zip(examples, constrained)) / n,
+            "n": n}
+
+
+def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int) -> dict:
+    from ..train.checkpoint import load_model
+    from .diversity import measure_stage
+    from .tasks import evaluate_tasks
+
+    model, tok, _ = load_model(run)
+    t0 = time.time()
+    res = evaluate_tasks(model, tok, "all", n_examples, modes=("greedy", "sample"), seed=seed)
+    tasks = {t: dict(v) for t, v in res["tasks"].items()}
+    out: dict = {"stage": stage, "tasks": tasks, "n": n_examples}
+    if stage != "base":
+        _add_ensembles(out, model, tok, root, n_examples, seed)
+    out["json_validity"] = json_validity(model, tok, n_examples, seed)
+    out["diversity"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed, max_tokens=48)
+    if stage != "base" and (root / "base" / "model.safetensors").exists():
+        hook = _mixing_hook(root / "base", model)
+        if hook is not None:
+            out["diversity_mixed"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed,
+                                                   max_tokens=48, hooks=[hook])
+    out["samples"] = [{"task": t, "prompt": e["prompt"], "reply": e["completion"], "reward": e["reward"]}
+                      for t, exs in res["examples"].items() for e in exs[:1]]
+    out["seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None:
+    """Self-consistency on the CoT tasks; best-of-n with the pipeline's reward model when it exists."""
+    from .tasks import evaluate_tasks
+
+    try:
+        vote = evaluate_tasks(model, tok, VOTE_TASKS, n, modes=("maj@5",), seed=seed)
+        for t, v in vote["tasks"].items():
+            out["tasks"][t]["vote"] = v["maj@5"]
+    except ImportError:
+        pass
+    rm_dir = root / "rm"
+    if _finished(rm_dir):
+        try:
+            from ..infer.ensemble import best_of_n_accuracy
+        except ImportError:
+            return
+        for t in VOTE_TASKS:
+            out["tasks"][t]["best_of"] = best_of_n_accuracy(model, tok, rm_dir, t, n, k=4, seed=seed)
+
+
+def _mixing_hook(base_run: Path, chat_model):
+    try:
+        from ..infer.mixing import base_mixing_hook
+    except ImportError:
+        return None
+    from ..train.checkpoint import load_model
+
+    base, _, _ = load_model(base_run)
+    return base_mixing_hook(base, weight=0.5)
+
+
+def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0) -> bool:
+    """Evaluate each finished stage whose eval is missing or older than its checkpoint; True if any ran."""
+    root = Path(root)
+    (root / "eval").mkdir(exist_ok=True)
+    ran = False
+    for stage, dirname in STAGE_DIRS.items():
+        run = root / dirname
+        if not _finished(run):
+            continue
+        target = root / "eval" / f"{stage}.json"
+        if target.exists() and target.stat().st_mtime >= (run / "trainer_state.json").stat().st_mtime:
+            continue
+        print(f"evaluating {stage} ...", flush=True)
+        result = evaluate_stage(stage, run, root, n_examples, seed)
+        tmp = target.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(target)
+        means = {m: sum(v.get(m, 0) for v in result["tasks"].values()) / len(result["tasks"]) for m in ("greedy", "sample")}
+        print(f"  {stage}: mean greedy {means['greedy']:.3f}  sample {means['sample']:.3f}  "
+              f"({result['seconds']:.0f}s)", flush=True)
+        ran = True
+    return ran
