@@ -114,3 +114,25 @@ def test_default_max_tokens_fits_the_longest_reference(setup):
     examples = get_task("arithmetic_cot").generate("test", 20, 0)
     longest = max(len(tok.encode(e.reference())) for e in examples)
     assert longest < ev.default_max_tokens(tok, examples) <= 256
+
+
+def test_majority_vote_mode_uses_the_ensemble(setup, monkeypatch):
+    """maj@3 over samples [right, wrong, right] scores 1; the first-sample pass@1 of [wrong, right, right] is 0."""
+    model, tok = setup
+    from gptstack.data.tasks import get_task
+    from gptstack.infer.engine import Completion, Engine
+
+    examples = get_task("arithmetic_direct").generate("test", 3, 0)
+    pattern = {"maj@3": ["right", "wrong", "right"], "sample": ["wrong", "right", "right"]}
+    current = {}
+
+    def fake_generate(self, prompts, params=None, hooks=()):
+        texts = pattern[current["mode"]][:params.n]
+        return [[Completion(i, j, text=f"Answer: {e.answer}" if t == "right" else "Answer: -5")
+                 for j, t in enumerate(texts)] for i, e in enumerate(examples)]
+
+    monkeypatch.setattr(Engine, "generate", fake_generate)
+    for mode, want in (("maj@3", 1.0), ("sample", 0.0)):
+        current["mode"] = mode
+        r = ev.evaluate_tasks(model, tok, "arithmetic_direct", n=3, modes=(mode,))
+        assert r["tasks"]["arithmetic_direct"][mode] == want

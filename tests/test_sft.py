@@ -213,8 +213,12 @@ def test_cli_lora_then_merge(base_run, tmp_path):
                  "--examples-per-task", "3", "--val-conversations", "0", "--lora", "--lora-rank", "4",
                  "--tasks", "greetings", "--no-progress", "--device", "cpu"]) == 0
     assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    assert main(["eval", str(out), "--tasks", "greetings", "--n-examples", "2", "--max-tokens", "4",
+                 "--modes", "greedy", "--quiet"]) == 0   # the engine runs on the PEFT-wrapped model
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["stage"] == "sft" and config["adapter"] is None
 
 
 def _err(capsys) -> str:

@@ -81,34 +81,34 @@ def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int
 
 
 def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None:
-    """Self-consistency on the CoT tasks; best-of-n with the pipeline's reward model when it exists."""
-    from .tasks import evaluate_tasks
+    """Self-consistency (majority of 5 samples) on the CoT tasks, and best-of-4 by the pipeline's reward
+    model when it exists, each against a single sample drawn the same way."""
+    from ..data.tasks import get_task
+    from ..infer.engine import Engine
+    from ..infer.ensemble import best_of_n, reward_model_scorer, self_consistency
+    from ..infer.sampling import SamplingParams
 
-    try:
-        vote = evaluate_tasks(model, tok, VOTE_TASKS, n, modes=("maj@5",), seed=seed)
-        for t, v in vote["tasks"].items():
-            out["tasks"][t]["vote"] = v["maj@5"]
-    except ImportError:
-        pass
-    rm_dir = root / "rm"
-    if _finished(rm_dir):
-        try:
-            from ..infer.ensemble import best_of_n_accuracy
-        except ImportError:
-            return
-        for t in VOTE_TASKS:
-            out["tasks"][t]["best_of"] = best_of_n_accuracy(model, tok, rm_dir, t, n, k=4, seed=seed)
+    engine = Engine(model, tok)
+    params = SamplingParams(temperature=0.8, top_k=50, max_tokens=160, seed=seed)
+    scorer = reward_model_scorer(str(root / "rm")) if _finished(root / "rm") else None
+    for name in VOTE_TASKS:
+        task = get_task(name)
+        examples = task.generate("test", n, seed)
+        votes = self_consistency(engine, task, examples, 5, params)
+        out["tasks"][name]["vote"] = sum(v.score for v in votes) / n
+        out["tasks"][name]["vote_single"] = sum(task.check(e, v.samples[0].text) for e, v in zip(examples, votes)) / n
+        if scorer is not None:
+            prompts = [tok.render_prompt(e.prompt_messages()) for e in examples]
+            best = best_of_n(engine, prompts, 4, scorer, params)
+            out["tasks"][name]["best_of"] = sum(task.check(e, b.completion.text) for e, b in zip(examples, best)) / n
 
 
 def _mixing_hook(base_run: Path, chat_model):
-    try:
-        from ..infer.mixing import base_mixing_hook
-    except ImportError:
-        return None
+    from ..infer.mixing import MixingHook
     from ..train.checkpoint import load_model
 
     base, _, _ = load_model(base_run)
-    return base_mixing_hook(base, weight=0.5)
+    return MixingHook(base, weight=0.5, mode="fixed")
 
 
 def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0) -> bool:

@@ -6,7 +6,8 @@
 A mode is a function (engine, examples, ModeSettings) -> list of rewards, one per example, registered in
 MODES by name. Built in: "greedy" (temperature 0) and "sample" (pass@1: one sample at `temperature`, or the
 mean over `samples` of them). Self-consistency or best-of-n plug in with `register_mode("maj@5", fn)`, a
-mode named "maj@K" is served by `infer.ensemble.self_consistency` when that module provides it. CoT versus
+mode named "maj@K" (K samples, majority vote on the extracted answer) is served by
+`infer.ensemble.self_consistency`. CoT versus
 direct answers for arithmetic is the two tasks side by side (they share their test problems).
 
 Prompts are rendered with `tokenizer.render_prompt(example.prompt_messages())` and decoded many at once by the
@@ -104,18 +105,13 @@ def _resolve_mode(name: str) -> ModeFn:
 
 
 def _self_consistency_mode(self_consistency, k: int) -> ModeFn:
+    """maj@K: K samples per example at the mode temperature, majority vote on the extracted answers."""
     def mode(engine, examples, task, settings, max_tokens):
         from ..data.tasks import get_task
 
-        t = get_task(task)
-        rewards, shown = [], []
-        for e in examples:
-            reply = self_consistency(engine, engine.tokenizer.render_prompt(e.prompt_messages()), t.extract, n=k,
-                                     temperature=settings.temperature, max_tokens=max_tokens, seed=settings.seed)
-            text = reply if isinstance(reply, str) else getattr(reply, "text", str(reply))
-            rewards.append(t.check(e, text))
-            shown.append(text)
-        return rewards, shown
+        params = _params(settings.temperature, settings, max_tokens, seed=settings.seed)
+        votes = self_consistency(engine, get_task(task), examples, k, params, score=True)
+        return [float(v.score or 0.0) for v in votes], [v.completion.text if v.completion else "" for v in votes]
     return mode
 
 

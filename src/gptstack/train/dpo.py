@@ -73,7 +73,7 @@ def dpo_step_loss(model, batch: dict, cfg: DPOConfig, ref, policy):
     loss, rc, rr = dpo_loss(lp[:B], lp[B:], ref_lp[:B], ref_lp[B:], cfg.beta, cfg.loss)
     return loss, {"reward_chosen": float(rc.mean()), "reward_rejected": float(rr.mean()),
                   "reward_margin": float((rc - rr).mean()), "accuracy": float((rc > rr).float().mean()),
-                  "logp_chosen": float(lp[:B].mean()), "logp_rejected": float(lp[B:].mean())}
+                  "logp_chosen": float(lp[:B].detach().mean()), "logp_rejected": float(lp[B:].detach().mean())}
 
 
 @torch.no_grad()

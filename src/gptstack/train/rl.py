@@ -401,6 +401,7 @@ def evaluate_policy(model, tok, examples, ref=None, max_new_tokens: int = 64, se
         sampled = engine.generate(prompts, SamplingParams(temperature=1.0, max_tokens=max_new_tokens, seed=seed,
                                                           stop_token_ids=[tok.assistant_end_id]))
         ent, kls = [], []
+        out["sample_accuracy"] = float(np.mean([check_example(ex, r[0].text) for ex, r in zip(examples, sampled)]))
         for i in range(0, len(prompts), 32):
             comps = [r[0] for r in sampled[i:i + 32]]
             ids, mask = build_sequences(prompts[i:i + 32], comps, tok.assistant_end_id, device)

@@ -46,9 +46,10 @@ class SFTConfig(TrainConfig):
     lora_alpha: float = 32.0
     lora_dropout: float = 0.0
     lora_targets: str = DEFAULT_LORA_TARGETS   # lm_head / embed_tokens only when listed
+    lora_train_specials: bool = True   # also train the embedding and head rows of the chat special tokens
     qlora: bool = False            # LoRA on a 4-bit (nf4) base through bitsandbytes; implies lora
     # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
-    steps: int = 0
+    steps: int = 200               # whichever ends first: 200 steps (~2.8 min on an idle 2-core CPU) or 2.5 min
     minutes: float = 2.5
     batch_size: int = 8
     seq_len: int = 0               # 0: the parent model's context
@@ -244,9 +245,15 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
         import torch
 
         torch.manual_seed(cfg.seed)  # LoRA's A factors start random: the same seed gives the same adapter
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets))
+        # Pretraining never showed the chat tokens: their embeddings are random and the head has learned to
+        # rank them last. With both frozen the model cannot learn to end a reply (measured: <|assistant_end|>
+        # stays at ~7 nats), so their rows train too, as PEFT trainable tokens (a few rows, saved in the adapter).
+        specials = sorted(set(tokenizer.special_ids.values())) if cfg.lora_train_specials else []
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets),
+                           trainable_tokens={"embed_tokens": specials, "lm_head": specials} if specials else None)
         adapter_info = {"lora": True, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                         "targets": parse_targets(cfg.lora_targets), "qlora": cfg.qlora,
+                        "trainable_tokens": specials,
                         "quant_type": "nf4" if cfg.qlora else None}
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
