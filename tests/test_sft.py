@@ -124,7 +124,9 @@ def test_one_step_changes_every_trainable_parameter(tok, base_run, tmp_path, lor
     sft(base_run, cfg)
     after = dict(captured["model"].named_parameters())
     before = captured["before"]
-    assert before and (not lora or all("lora_" in n for n in before))
+    assert before and (not lora or all("lora_" in n or "trainable_tokens" in n for n in before))
+    if lora:  # the chat special tokens' embedding and head rows train with the adapter
+        assert sum("trainable_tokens" in n for n in before) == 2
     unchanged = [n for n, p in before.items() if torch.equal(p, after[n].detach())]
     assert not unchanged, unchanged
     if lora:
@@ -170,7 +172,8 @@ def test_sft_run_records_parent_and_loads(tok, base_run, tmp_path):
     config = json.loads((tmp_path / "r" / "config.json").read_text())
     assert config["kind"] == "lm" and config["stage"] == "sft" and config["model"]["n_layer"] == 2
     assert Path(config["parent_run"]) == base_run.resolve()
-    assert config["data"]["train"]["kept"] == 7 * 8
+    stats = config["data"]["train"]
+    assert stats["conversations"] == 7 * 8 and stats["kept"] + stats["skipped"] == 7 * 8  # facts > 128 tokens
     model, t, _ = load_model(tmp_path / "r")
     assert t.fingerprint() == tok.fingerprint() and isinstance(model, GPT)
 
