@@ -136,9 +136,11 @@ def cmd_sample(args) -> None:
     from .infer.engine import Engine
     from .train.checkpoint import load_model
 
-    model, tok, _ = load_model(args.run, resolve_device(args.device))
+    from .model.quant import load_quantized
+
     if not args.prompt:
         raise PromptError("--prompt is empty: give some text to continue")
+    model, tok, _ = load_quantized(args.run, resolve_device(args.device), args.quantize)
     engine = Engine(model, tok)
     ids = tok.encode(args.prompt, bos=True)
     params = _sampling_params(args)
@@ -748,6 +750,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="continue a prompt with a model, streaming")
     p.add_argument("run")
     p.add_argument("--prompt", required=True)
+    p.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
     add_sampling_flags(p)
     p.set_defaults(func=cmd_sample)
 

@@ -15,7 +15,8 @@ from ._common import answer_line, check_args, collect, rng_for
 
 
 def draw_problem(rng: random.Random) -> tuple[int, str, int]:
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
+    # two-digit operands: multi-digit carrying and borrowing, within reach of the tiny CPU preset
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
     op = rng.choice("+-")
     if op == "-" and b > a:
         a, b = b, a  # keep results non-negative: a tiny model has enough to learn without signs
