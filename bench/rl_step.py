@@ -118,7 +118,7 @@ def ours_grpo(run: Path, tmp: Path, steps: int, beta: float) -> tuple[float, dic
 
     draw = random_reward(1)
     cfg = RLConfig(out=str(tmp / "ours_grpo"), algo="grpo", tasks="arithmetic_direct", n_prompts=8, samples=8,
-                   max_new_tokens=64, kl_coef=beta, steps=steps, log_every=1, eval_every=0, progress=False,
+                   max_new_tokens=64, kl_coef=beta, update_epochs=1, minibatches=1, steps=steps, log_every=1, eval_every=0, progress=False,
                    lr=1e-6, device="cpu", train_examples=64)
     setup = prepare_rl(run, cfg, reward_fn=lambda ex, p, comps: draw(len(comps)))
     train(setup.stage, setup.cfg)

@@ -4,7 +4,6 @@ best-of-n candidates; preference pairs are built from a model's own ranked sampl
 import json
 
 import pytest
-import torch
 
 from test_rl import make_run
 

@@ -134,7 +134,7 @@ def test_ppo_resume_reproduces_the_uninterrupted_run(run, tmp_path, monkeypatch)
     from gptstack.train import loop
     from gptstack.train.rl import prepare_rl, train_rl
 
-    kw = dict(algo="ppo", steps=3, minibatches=2, kl_coef=0.1, kl_target=0.01, kl_horizon=10, log_every=1)
+    kw = dict(algo="ppo", steps=3, update_epochs=1, minibatches=2, kl_coef=0.1, kl_target=0.01, kl_horizon=10, log_every=1)
     train_rl(run, rl_cfg(tmp_path / "full", **kw), reward_fn=text_reward)
 
     real_write = loop.MetricsLog.write

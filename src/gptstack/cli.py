@@ -340,10 +340,11 @@ def cmd_align_eval(args) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{'run':<28} {'accuracy':>9} {'KL to ref':>10} {'entropy':>8}  per task")
+    print(f"{'run':<28} {'greedy acc':>10} {'sampled acc':>11} {'KL to ref':>10} {'entropy':>8}  greedy per task")
     for run, r in rows.items():
         per = "  ".join(f"{k[4:]} {v:.3f}" for k, v in r.items() if k.startswith("acc_"))
-        print(f"{run:<28} {r['accuracy']:>9.3f} {r.get('kl_to_ref', float('nan')):>10.3f} {r['entropy']:>8.3f}  {per}")
+        print(f"{run:<28} {r['accuracy']:>10.3f} {r['sample_accuracy']:>11.3f} {r.get('kl_to_ref', float('nan')):>10.3f} "
+              f"{r['entropy']:>8.3f}  {per}")
 
 
 def register_align_commands(sub) -> None:
@@ -354,11 +355,11 @@ def register_align_commands(sub) -> None:
 
     p = sub.add_parser("preferences", help="sample K replies per task prompt and rank them into preference pairs")
     p.add_argument("run", help="the (SFT) run to sample from")
-    p.add_argument("--tasks", default="arithmetic_direct,spelling")
+    p.add_argument("--tasks", default="extraction,spelling")
     p.add_argument("--samples-per-prompt", type=int, default=4)
     p.add_argument("--n-prompts", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="preference JSONL to write")
@@ -377,9 +378,9 @@ def register_align_commands(sub) -> None:
     p = sub.add_parser("align-eval", help="held-out task accuracy, KL to a reference and entropy of runs")
     p.add_argument("runs", nargs="+")
     p.add_argument("--ref", default="", help="reference run for the KL column (usually the SFT run)")
-    p.add_argument("--tasks", default="arithmetic_direct,spelling")
-    p.add_argument("--n", type=int, default=64, help="held-out prompts per task")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--tasks", default="extraction,spelling")
+    p.add_argument("--n", type=int, default=48, help="held-out prompts per task")
+    p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true")

@@ -34,10 +34,10 @@ class DistillConfig(TrainConfig):
     out: str = "runs/distill"
     teacher: str = ""
     mode: str = "onpolicy"           # offline | onpolicy
-    tasks: str = "arithmetic_direct,spelling"
+    tasks: str = "extraction,spelling"
     train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
     eval_examples: int = 64
-    max_new_tokens: int = 64
+    max_new_tokens: int = 40
     temperature: float = 1.0
     teacher_samples: int = 1         # offline: teacher replies per prompt
     filter_correct: bool = False     # offline: keep only teacher replies the task checker accepts
@@ -47,7 +47,7 @@ class DistillConfig(TrainConfig):
     batch_size: int = 16
     seq_len: int = 256
     optimizer: str = "adamw"
-    lr: float = 2e-5
+    lr: float = 1e-4
     schedule: str = "constant"
     warmup_frac: float = 0.0
     eval_every: int = 0
@@ -206,7 +206,7 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
     return train(stage, cfg_run)
 
 
-def compare_distillation(student_run, teacher_run, out_dir, tasks: str = "arithmetic_direct,spelling",
+def compare_distillation(student_run, teacher_run, out_dir, tasks: str = "extraction,spelling",
                          eval_examples: int = 64, **overrides) -> dict:
     """Offline and on-policy distillation of the same student from the same teacher; each result (and the
     student and teacher themselves) scored on the held-out task suite, with KL to the student."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,16 +38,16 @@ class RLConfig(TrainConfig):
     out: str = "runs/rl"
     algo: str = "grpo"               # grpo | ppo
     reward: str = "task"             # task, rm:RUN, semantic, teacher:RUN, each optionally =WEIGHT
-    tasks: str = "arithmetic_direct,spelling"
+    tasks: str = "extraction,spelling"   # tasks the tiny SFT model gets partly right: where RL has signal
     train_examples: int = 2000       # the pool of training prompts, visited in a seeded order
     eval_examples: int = 64          # held-out (test split) prompts per task for the greedy accuracy
-    n_prompts: int = 8               # prompts per rollout
+    n_prompts: int = 16              # prompts per rollout
     samples: int = 8                 # replies per prompt (GRPO's group size K)
-    max_new_tokens: int = 64
+    max_new_tokens: int = 40
     temperature: float = 1.0
     top_k: int = 0
-    update_epochs: int = 1           # passes over each rollout (PPO's "epochs")
-    minibatches: int = 1             # optimizer steps per pass
+    update_epochs: int = 2           # passes over each rollout: sampling is the cost, so reuse it (clipped)
+    minibatches: int = 2             # optimizer steps per pass
     clip: float = 0.2
     kl_coef: float = 0.02            # GRPO β on the k3 term; PPO's initial per-token KL penalty
     kl_target: float = 0.0           # PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/seq)
@@ -62,7 +61,7 @@ class RLConfig(TrainConfig):
     lora_alpha: float = 16.0
     steps: int = 40
     optimizer: str = "adamw"
-    lr: float = 2e-5
+    lr: float = 1e-4
     schedule: str = "constant"
     warmup_frac: float = 0.0
     grad_clip: float = 1.0
