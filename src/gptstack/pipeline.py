@@ -24,14 +24,15 @@ STAGES = ["pretrain", "sft", "sft_lora", "preferences", "reward", "grpo", "ppo",
 # Per-preset stage flags. Minutes are wall-clock training budgets (the LR schedule follows the clock).
 PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
     "tiny": {
-        "pretrain": ["--preset", "tiny", "--minutes", "5.5"],
-        "sft": ["--minutes", "1.8"],
-        "sft_lora": ["--lora", "--minutes", "1.2"],
-        "preferences": ["--samples-per-prompt", "4", "--n-prompts", "24"],
-        "reward": ["--minutes", "0.5"],
-        "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "1.2"],
-        "ppo": ["--algo", "ppo", "--minutes", "1.0"],
-        "dpo": ["--minutes", "0.5"],
+        "pretrain": ["--preset", "tiny", "--minutes", "5.0"],
+        "sft": ["--minutes", "1.6", "--steps", "0"],
+        "sft_lora": ["--lora", "--minutes", "1.0", "--steps", "0"],
+        # RL and preference data on the tasks a tiny SFT model gets partly right: that is where there is signal
+        "preferences": ["--tasks", "extraction,spelling", "--samples-per-prompt", "4", "--n-prompts", "96"],
+        "reward": ["--minutes", "0.5", "--steps", "0"],
+        "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "1.2", "--steps", "0"],
+        "ppo": ["--algo", "ppo", "--samples", "4", "--minutes", "0.8", "--steps", "0"],
+        "dpo": ["--minutes", "0.4", "--steps", "0", "--lr", "3e-5"],
         "eval": ["--n-examples", "24"],
     },
     "d12": {
