@@ -19,35 +19,52 @@ from pathlib import Path
 
 from .errors import ConfigError, GptstackError
 
-STAGES = ["pretrain", "sft", "sft_lora", "preferences", "reward", "grpo", "ppo", "dpo", "eval", "report"]
+# stage names are the names of their outputs under RUN_ROOT (base/, prefs.jsonl, rm/, ...)
+STAGES = ["base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "eval", "report"]
 
 # Per-preset stage flags. Minutes are wall-clock training budgets (the LR schedule follows the clock).
 PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
     "tiny": {
-        "pretrain": ["--preset", "tiny", "--minutes", "5.0"],
+        "base": ["--preset", "tiny", "--minutes", "5.0"],
         "sft": ["--minutes", "1.6", "--steps", "0"],
         "sft_lora": ["--lora", "--minutes", "1.0", "--steps", "0"],
         # RL and preference data on the tasks a tiny SFT model gets partly right: that is where there is signal
-        "preferences": ["--tasks", "extraction,spelling", "--samples-per-prompt", "4", "--n-prompts", "96"],
-        "reward": ["--minutes", "0.5", "--steps", "0"],
+        "prefs": ["--tasks", "extraction,spelling", "--samples-per-prompt", "4", "--n-prompts", "96"],
+        "rm": ["--minutes", "0.5", "--steps", "0"],
         "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "1.2", "--steps", "0"],
         "ppo": ["--algo", "ppo", "--samples", "4", "--minutes", "0.8", "--steps", "0"],
         "dpo": ["--minutes", "0.4", "--steps", "0", "--lr", "3e-5"],
         "eval": ["--n-examples", "24"],
     },
     "d12": {
-        "pretrain": ["--preset", "d12"],
+        "base": ["--preset", "d12"],
         "sft": ["--steps", "1500"],
         "sft_lora": ["--lora", "--steps", "1500"],
-        "preferences": ["--samples-per-prompt", "8", "--n-prompts", "256"],
-        "reward": ["--steps", "500"],
+        "prefs": ["--samples-per-prompt", "8", "--n-prompts", "256"],
+        "rm": ["--steps", "500"],
         "grpo": ["--algo", "grpo", "--reward", "task", "--steps", "300"],
         "ppo": ["--algo", "ppo", "--steps", "300"],
         "dpo": ["--steps", "500"],
         "eval": ["--n-examples", "200"],
     },
 }
-PIPELINE_PRESETS["d20"] = {**PIPELINE_PRESETS["d12"], "pretrain": ["--preset", "d20"]}
+# The plumbing at the smallest scale (a depth-1 model, a few steps per stage): for tests and quick checks.
+_MICRO_MODEL = ["--depth", "1", "--n-embd", "64", "--seq-len", "128", "--vocab-size", "1024", "--batch-size", "8",
+                "--total-batch-tokens", "0", "--eval-every", "10", "--eval-tokens", "4096"]
+PIPELINE_PRESETS["micro"] = {
+    "base": ["--minutes", "0", "--steps", "10"] + _MICRO_MODEL,
+    "sft": ["--minutes", "0", "--steps", "4", "--examples-per-task", "50", "--val-conversations", "20"],
+    "sft_lora": ["--lora", "--minutes", "0", "--steps", "3", "--examples-per-task", "50", "--val-conversations", "20"],
+    "prefs": ["--tasks", "spelling", "--samples-per-prompt", "4", "--n-prompts", "16", "--max-new-tokens", "12"],
+    "rm": ["--minutes", "0", "--steps", "3"],
+    "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "0", "--steps", "2", "--n-prompts", "4",
+             "--samples", "4", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
+    "ppo": ["--algo", "ppo", "--minutes", "0", "--steps", "2", "--n-prompts", "4", "--samples", "2",
+            "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
+    "dpo": ["--minutes", "0", "--steps", "3"],
+    "eval": ["--n-examples", "3"],
+}
+PIPELINE_PRESETS["d20"] = {**PIPELINE_PRESETS["d12"], "base": ["--preset", "d20"]}
 
 
 @dataclass
@@ -119,20 +136,20 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stages = _selected(cfg)
     t_start = time.time()
     for name in stages:
-        if name == "pretrain":
-            train_stage(name, paths["base"], ["pretrain", "--corpus", cfg.corpus] + flags["pretrain"])
+        if name == "base":
+            train_stage(name, paths["base"], ["pretrain", "--corpus", cfg.corpus] + flags["base"])
         elif name == "sft":
             train_stage(name, paths["sft"], ["sft", str(paths["base"])] + flags["sft"])
         elif name == "sft_lora":
             train_stage(name, paths["sft_lora"], ["sft", str(paths["base"])] + flags["sft_lora"])
-        elif name == "preferences":
+        elif name == "prefs":
             if paths["prefs"].exists():
                 _mark(name, "reused")
             else:
                 _run(name, ["preferences", str(paths["sft"]), "--out", str(paths["prefs"]), "--seed", str(cfg.seed)]
-                     + flags["preferences"])
-        elif name == "reward":
-            train_stage(name, paths["rm"], ["reward", str(paths["sft"]), "--prefs", str(paths["prefs"])] + flags["reward"])
+                     + flags["prefs"])
+        elif name == "rm":
+            train_stage(name, paths["rm"], ["reward", str(paths["sft"]), "--prefs", str(paths["prefs"])] + flags["rm"])
         elif name == "grpo":
             train_stage(name, paths["grpo"], ["rl", str(paths["sft"])] + flags["grpo"])
         elif name == "ppo":

@@ -1,0 +1,43 @@
+"""The whole pipeline at micro scale: every stage runs through the CLI, a second run reuses everything,
+and the report is built from the run directories."""
+
+import json
+import time
+
+import pytest
+
+from gptstack.cli import main
+
+
+@pytest.mark.slow
+def test_micro_pipeline_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
+    import gptstack.eval.pipeline_eval as pe
+
+    # keep the eval light: the mixing/diversity parts still run, on fewer prompts
+    root = tmp_path / "run"
+    assert main(["pipeline", "--preset", "micro", "--out", str(root)]) == 0
+    record = json.loads((root / "pipeline.json").read_text())
+    stages = record["stages"]
+    for name in ("base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "eval", "report"):
+        assert stages[name]["status"] == "done", (name, stages[name])
+    for stage in ("base", "sft", "sft_lora", "grpo", "ppo", "dpo"):
+        result = json.loads((root / "eval" / f"{stage}.json").read_text())
+        assert set(result["tasks"]) >= {"arithmetic_cot", "spelling", "extraction"}
+        assert result["json_validity"]["constrained"] == 1.0  # the grammar guarantees valid JSON, even untrained
+        assert "diversity" in result
+    html = (root / "report.html").read_text()
+    assert "Task accuracy" in html and "<img" in html
+
+    t0 = time.time()
+    assert main(["pipeline", "--preset", "micro", "--out", str(root)]) == 0
+    assert time.time() - t0 < 60
+    stages = json.loads((root / "pipeline.json").read_text())["stages"]
+    for name in ("base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "eval"):
+        assert stages[name]["status"] == "reused", (name, stages[name])
+
+
+def test_pipeline_rejects_unknown_stage_and_preset(tmp_path, capsys):
+    assert main(["pipeline", "--only", "nonsense", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown stage" in capsys.readouterr().err
+    assert main(["pipeline", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
+    assert "unknown preset" in capsys.readouterr().err
