@@ -49,7 +49,7 @@ PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
     },
 }
 # The plumbing at the smallest scale (a depth-1 model, a few steps per stage): for tests and quick checks.
-_MICRO_MODEL = ["--depth", "1", "--n-embd", "64", "--seq-len", "128", "--vocab-size", "1024", "--batch-size", "8",
+_MICRO_MODEL = ["--depth", "1", "--n-embd", "64", "--seq-len", "256", "--vocab-size", "1024", "--batch-size", "8",
                 "--total-batch-tokens", "0", "--eval-every", "10", "--eval-tokens", "4096"]
 PIPELINE_PRESETS["micro"] = {
     "base": ["--minutes", "0", "--steps", "10"] + _MICRO_MODEL,
@@ -133,9 +133,19 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             entry["seconds"] = round(seconds, 1)
         record_path.write_text(json.dumps(record, indent=2))
 
+    def n_pairs() -> int:
+        return sum(1 for line in paths["prefs"].read_text().splitlines() if line.strip()) if paths["prefs"].exists() else 0
+
     stages = _selected(cfg)
     t_start = time.time()
     for name in stages:
+        if name in ("rm", "ppo", "dpo") and paths["prefs"].exists() and n_pairs() == 0:
+            # every sampled reply tied under the checkers: there is nothing to learn a preference from
+            print(f"\n=== {name}: skipped, {paths['prefs']} has no preference pairs (all replies tied)", flush=True)
+            _mark(name, "skipped")
+            record["stages"][name]["error"] = "no preference pairs: every sampled reply tied"
+            record_path.write_text(json.dumps(record, indent=2))
+            continue
         if name == "base":
             train_stage(name, paths["base"], ["pretrain", "--corpus", cfg.corpus] + flags["base"])
         elif name == "sft":
