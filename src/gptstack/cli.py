@@ -134,8 +134,6 @@ def cmd_sample(args) -> None:
     from .config import resolve_device
     from .errors import PromptError
     from .infer.engine import Engine
-    from .train.checkpoint import load_model
-
     from .model.quant import load_quantized
 
     if not args.prompt:

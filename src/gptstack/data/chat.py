@@ -107,15 +107,10 @@ def _records(spec: str):
     if path.suffix == ".json":  # a whole-file JSON array, as some datasets ship
         yield from _json_array_rows(path)
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            yield f"{path}:{lineno}", row
+    from .jsonl import iter_jsonl
+
+    for lineno, row in iter_jsonl(path):
+        yield f"{path}:{lineno}", row
 
 
 def _json_array_rows(path: Path):

@@ -8,7 +8,6 @@ name/path (`hf:NAME[:SPLIT]`). Everything a user can get wrong here raises DataE
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -100,18 +99,13 @@ def _normalize(text: str) -> str:
 
 
 def _read_jsonl(path: Path, field: str) -> list[Document]:
+    from .jsonl import iter_jsonl
+
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise DataError(f"{path}:{lineno}: expected an object with a string '{field}' field")
-            docs.append(Document(f"{path.name}:{lineno}", obj[field]))
+    for lineno, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise DataError(f"{path}:{lineno}: expected an object with a string '{field}' field")
+        docs.append(Document(f"{path.name}:{lineno}", obj[field]))
     return docs
 
 

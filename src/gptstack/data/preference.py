@@ -74,17 +74,14 @@ def load_preferences(path) -> list[PreferencePair]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"preference file '{path}' does not exist")
+    from .jsonl import iter_jsonl
+
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                pairs.append(parse_pair(json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            except DataError as e:
-                raise DataError(f"{path}:{lineno}: {e}") from None
+    for lineno, obj in iter_jsonl(path):
+        try:
+            pairs.append(parse_pair(obj))
+        except DataError as e:
+            raise DataError(f"{path}:{lineno}: {e}") from None
     if not pairs:
         raise DataError(f"preference file '{path}' has no pairs")
     return pairs

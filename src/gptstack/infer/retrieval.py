@@ -17,7 +17,6 @@ Loading an index with another embedder than it was built with is a ConfigError: 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections import Counter
@@ -53,16 +52,12 @@ def load_documents(path: str | os.PathLike, text_field: str = "text") -> list[tu
         for f in files:
             docs.append((str(f.relative_to(p)), _read(f)))
     elif p.suffix.lower() == ".jsonl":
-        for i, line in enumerate(_read(p).splitlines()):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{i + 1}: not JSON ({e.msg})") from None
+        from ..data.jsonl import iter_jsonl
+
+        for lineno, obj in iter_jsonl(p):
             if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-                raise DataError(f"{p}:{i + 1}: each line needs a string '{text_field}' field")
-            src = obj.get("source") or obj.get("id") or obj.get("title") or f"{p.name}:{i + 1}"
+                raise DataError(f"{p}:{lineno}: each line needs a string '{text_field}' field")
+            src = obj.get("source") or obj.get("id") or obj.get("title") or f"{p.name}:{lineno}"
             docs.append((str(src), obj[text_field]))
     elif p.suffix.lower() in (".txt", ".md"):
         docs.append((p.name, _read(p)))

@@ -25,8 +25,7 @@ import torch
 
 from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import (atomic_write_json, check_checkpoint_consistent, load_weights, new_checkpoint_id,
-                         save_weights, unwrap)
+from .checkpoint import atomic_write_json, load_weights, new_checkpoint_id, save_weights, unwrap
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]

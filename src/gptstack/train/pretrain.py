@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from pathlib import Path
-
-import torch
-
 from ..config import PretrainConfig, config_to_dict, model_config_from_depth
 from ..data.corpus import corpus_fingerprint, gptstack_home, load_corpus, split_documents
 from ..data.loader import TokenBatches, sequential_batches
