@@ -91,3 +91,15 @@ def test_depth_dial():
     assert (c.n_embd, c.n_head, c.head_dim, c.mlp_hidden) == (768, 12, 64, 2048)
     c = model_config_from_depth(20, 32768, 2048)
     assert (c.n_embd, c.head_dim, c.n_head) == (1280, 128, 10)
+
+
+def test_width_override_keeps_heads_consistent():
+    import pytest
+
+    from gptstack.config import model_config_from_depth
+    from gptstack.errors import ConfigError
+
+    c = model_config_from_depth(2, 320, 64, n_embd=128, n_kv_head=1)
+    assert (c.n_embd, c.n_head, c.n_kv_head, c.mlp_hidden) == (128, 2, 1, 384)
+    with pytest.raises(ConfigError):
+        model_config_from_depth(2, 320, 64, n_embd=100)

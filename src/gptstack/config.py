@@ -27,15 +27,20 @@ if TYPE_CHECKING:  # torch is imported lazily so `gptstack --help` starts fast
     from .model.gpt import GPTConfig
 
 
-def model_config_from_depth(depth: int, vocab_size: int, seq_len: int, **overrides) -> "GPTConfig":
+def model_config_from_depth(depth: int, vocab_size: int, seq_len: int, n_embd: int | None = None,
+                            n_kv_head: int | None = None, **overrides) -> "GPTConfig":
+    """The dial's model; `n_embd` overrides the width (heads and MLP follow the width), `n_kv_head` turns on
+    grouped-query attention, other GPTConfig fields override directly."""
     from .model.gpt import GPTConfig
 
     if depth < 1:
         raise ConfigError(f"--depth must be at least 1, got {depth}")
-    n_embd = 64 * depth
+    n_embd = n_embd or 64 * depth
+    if n_embd < 64 or n_embd % 64:
+        raise ConfigError(f"--n-embd must be a positive multiple of 64, got {n_embd}")
     head_dim = 64 if n_embd < 1024 else 128
     n_head = max(1, n_embd // head_dim)
-    cfg = GPTConfig(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_head,
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or n_head,
                     mlp_hidden=64 * math.ceil(8 * n_embd / 3 / 64), seq_len=seq_len)
     cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
     if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head:

@@ -9,7 +9,6 @@ per conversation); `block_causal_mask(doc_ids)` turns them into the attention ma
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -125,21 +124,9 @@ def _json_array_rows(path: Path):
 
 
 def _hf_rows(spec: str):
-    name, _, split = spec.partition(":")
-    try:
-        import datasets
-    except ImportError:
-        raise DataError("hf: conversations need the datasets library: pip install 'gptstack[data]'") from None
-    try:
-        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name, split=split or "train")
-        if isinstance(ds, datasets.DatasetDict):
-            if (split or "train") not in ds:
-                raise DataError(f"dataset '{name}' has no split '{split or 'train'}' (splits: {', '.join(ds)})")
-            ds = ds[split or "train"]
-    except DataError:
-        raise
-    except Exception as e:  # datasets raises many types for missing names, files and splits
-        raise DataError(f"cannot load dataset '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    from .corpus import load_hf_dataset
+
+    name, ds = load_hf_dataset(spec, "conversations")
     for i, row in enumerate(ds):
         yield f"{name}[{i}]", row
 

@@ -121,18 +121,28 @@ def _read_parquet(path: Path, field: str) -> list[Document]:
     return [Document(f"{path.name}:{i}", t) for i, t in enumerate(table.column(field).to_pylist()) if t]
 
 
-def _read_hf(spec: str, field: str) -> list[Document]:
+def load_hf_dataset(spec: str, what: str = "corpora"):
+    """A Hugging Face dataset from `NAME[:SPLIT]` (a hub name, or a folder saved with `save_to_disk`); every
+    failure is one DataError. Shared by the corpus and conversation loaders. Returns (name, dataset)."""
     name, _, split = spec.partition(":")
+    split = split or "train"
     try:
         import datasets
     except ImportError:
-        raise DataError("hf: corpora need the datasets library: pip install 'gptstack[data]'") from None
+        raise DataError(f"hf: {what} need the datasets library: pip install 'gptstack[data]'") from None
     try:
-        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name, split=split or "train")
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds[split or "train"]
-    except Exception as e:
+        ds = datasets.load_from_disk(name) if os.path.isdir(name) else datasets.load_dataset(name, split=split)
+    except Exception as e:  # datasets raises many types for missing names, files and splits
         raise DataError(f"cannot load dataset '{name}': {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"dataset '{name}' has no split '{split}' (splits: {', '.join(ds)})")
+        ds = ds[split]
+    return name, ds
+
+
+def _read_hf(spec: str, field: str) -> list[Document]:
+    name, ds = load_hf_dataset(spec)
     if field not in ds.column_names:
         raise DataError(f"dataset '{name}' has no '{field}' column (columns: {', '.join(ds.column_names)})")
     return [Document(f"{name}:{i}", t) for i, t in enumerate(ds[field]) if t]

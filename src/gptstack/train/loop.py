@@ -11,6 +11,7 @@ evaluation and samples, atomic checkpoints, and exact resume.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -25,7 +26,7 @@ import torch
 
 from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write_json, load_weights, new_checkpoint_id, save_weights, unwrap
+from .checkpoint import atomic_write_bytes, atomic_write_json, load_weights, new_checkpoint_id, save_weights, unwrap
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -162,13 +163,10 @@ def save_checkpoint(stage: Stage, model, optimizers, out: Path, state: dict, is_
     stage.save(model, out, cid)
     stage.tokenizer.save(out / "tokenizer")
     atomic_write_json(out / "config.json", stage.run_config)
-    import io
-    buf = io.BytesIO()
-    torch.save({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}, buf)
-    from .checkpoint import atomic_write_bytes
-    atomic_write_bytes(out / "optimizer.pt", buf.getvalue())
-    state = dict(state, checkpoint_id=cid, rng=None)
-    atomic_write_bytes(out / "rng.pt", _torch_bytes(_rng_state()))
+    atomic_write_bytes(out / "optimizer.pt",
+                       _torch_bytes({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}))
+    state = dict(state, checkpoint_id=cid)
+    atomic_write_bytes(out / "rng.pt", _torch_bytes(_rng_state()))   # RNG states are tensors: kept beside the JSON
     if stage.extra_state:
         state["stage_state"] = stage.extra_state()
     atomic_write_json(out / "trainer_state.json", state)   # last: it commits the checkpoint
@@ -302,7 +300,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
             for micro in range(accum):
                 batch = next(stage.batches)
                 sync = micro == accum - 1 or world == 1
-                ctx = train_model.no_sync() if (world > 1 and not sync) else _null()
+                ctx = train_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx, autocast(device, amp_dtype):
                     loss, metrics = stage.loss_fn(train_model, batch)
                 (loss / accum).backward()
@@ -376,14 +374,6 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
         print(f"\ninterrupted at step {step}; checkpoint saved to {out} (continue with --resume)")
         raise KeyboardInterrupt
     return TrainResult(step, tokens_seen, seconds, last, interrupted)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def _guess_width(model) -> int:

@@ -60,18 +60,15 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     tokenizer = get_tokenizer(cfg, train_docs)
     shards = build_shards(tokenizer, train_docs, val_docs, progress=cfg.progress and rank == 0)
     mcfg = model_config_from_depth(cfg.depth, tokenizer.vocab_size, cfg.seq_len,
-                                   n_kv_head=cfg.n_kv_head or None, n_embd=cfg.n_embd or None,
+                                   n_embd=cfg.n_embd or None, n_kv_head=cfg.n_kv_head or None,
                                    qk_norm=cfg.qk_norm, tie_embeddings=cfg.tie_embeddings)
-    if cfg.n_embd and not cfg.n_kv_head:
-        mcfg = replace(mcfg, n_head=max(1, cfg.n_embd // 64), n_kv_head=max(1, cfg.n_embd // 64),
-                       mlp_hidden=64 * -(-8 * cfg.n_embd // 3 // 64))
     model = GPT(mcfg)
     model.init_weights(cfg.seed)
     step_tokens = max(cfg.total_batch_tokens, cfg.batch_size * cfg.seq_len * world)
     if not cfg.steps and not cfg.minutes:
         cfg = replace(cfg, steps=max(1, int(cfg.tokens_per_param * model.num_params() / step_tokens)))
-    device_hint = "cpu"
-    batches = TokenBatches(shards.tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, device_hint)
+    # batches are built on the CPU from the memmap; the loss moves them to wherever the model lives
+    batches = TokenBatches(shards.tokens("train"), cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     if shards.val_tokens < cfg.seq_len + 1:
         raise ConfigError(f"the validation split has only {shards.val_tokens} tokens; raise --val-frac")
     token_bytes = token_bytes_tensor(tokenizer)
@@ -93,15 +90,12 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         print(f"corpus: {m['train_docs']} training documents ({m['train_tokens']:,} tokens, "
               f"{m['train_bytes'] / max(1, m['train_tokens']):.2f} bytes/token, {m['unique_token_types']:,} distinct "
               f"token types), {m['val_docs']} held out ({m['val_tokens']:,} tokens)")
-    stage = Stage(name="pretrain", model=model, batches=batches, loss_fn=lm_loss, run_config=run_config,
-                  tokenizer=tokenizer, evaluate=evaluate, sample=sample,
-                  flops_per_token=model.flops_per_token(cfg.seq_len), corpus_tokens=shards.train_tokens,
-                  n_params=model.num_params())
-    batches.device = "cpu"
-
-    def to_device_loss(m, batch):
+    def loss_on_model_device(m, batch):
         dev = next(m.parameters()).device
         return lm_loss(m, {k: v.to(dev, non_blocking=True) for k, v in batch.items()})
 
-    stage.loss_fn = to_device_loss
+    stage = Stage(name="pretrain", model=model, batches=batches, loss_fn=loss_on_model_device, run_config=run_config,
+                  tokenizer=tokenizer, evaluate=evaluate, sample=sample,
+                  flops_per_token=model.flops_per_token(cfg.seq_len), corpus_tokens=shards.train_tokens,
+                  n_params=model.num_params())
     return train(stage, cfg)
