@@ -727,7 +727,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import PRESETS, PretrainConfig
 
     parser = argparse.ArgumentParser(prog="gptstack", description="Make a GPT assistant end to end: tokenizer, "
-                                     "pretraining, SFT, reward model, RLHF/DPO, inference, serving.")
+                                     "pretraining, SFT, reward model, RLHF/DPO, inference, evaluation report.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer, encode text, or report compression")
