@@ -71,3 +71,24 @@ def test_teacher_reward_is_mean_logprob(runs):
         want = 2 * float(response_logprobs(t_model, ids, mask)["logp"].sum() / mask.sum())
     assert got == pytest.approx(want, rel=1e-4)
     assert "reward_teacher:teacher" in reward.last
+
+
+def test_compare_command_runs_both_modes(runs, tmp_path):
+    """`gptstack distill --mode compare` trains offline and on-policy from the same student and writes a table
+    with the student, the teacher and both results scored on the same held-out prompts."""
+    import json
+    import subprocess
+    import sys
+
+    student, teacher = runs
+    out = tmp_path / "cmp"
+    r = subprocess.run([sys.executable, "-m", "gptstack.cli", "distill", student, "--teacher", teacher,
+                        "--mode", "compare", "--out", str(out), "--steps", "1", "--minutes", "0",
+                        "--train-examples", "4", "--eval-examples", "2", "--n-prompts", "2", "--samples", "2",
+                        "--max-new-tokens", "6", "--batch-size", "4", "--seq-len", "64", "--device", "cpu",
+                        "--no-progress"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    report = json.loads((out / "compare.json").read_text())
+    assert set(report) == {"student", "teacher", "offline", "onpolicy"}
+    assert (out / "offline" / "model.safetensors").exists() and (out / "onpolicy" / "model.safetensors").exists()
+    assert "kl_to_ref" in report["onpolicy"] and "offline" in r.stdout and "onpolicy" in r.stdout

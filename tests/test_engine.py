@@ -163,3 +163,75 @@ def test_errors(engine, prompts, params, err):
 def test_stream_requires_single_sample(engine):
     with pytest.raises(ConfigError):
         list(engine.stream([1, 2], SamplingParams(n=2)))
+
+
+def test_ragged_chunk_step_equals_token_by_token(engine, tiny_tokenizer):
+    """A fast-forward step feeds rows different numbers of tokens (right-aligned, padding invalid, cache grown
+    past its first size): each row's logits equal feeding its tokens one at a time in a cache of its own."""
+    model, tok = engine.model, tiny_tokenizer
+    prompts = prompts_of(tok, ["The king is", "Sweet"])
+    extra = [tok.encode(" dead, long live")[:3], tok.encode(" lady")[:1]]
+    longest = max(map(len, prompts))
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, longest + 1, "cpu", torch.float32)   # too small: the step grows it
+        ids = torch.zeros(2, longest, dtype=torch.long)
+        valid = torch.zeros(2, longest, dtype=torch.bool)
+        for i, p in enumerate(prompts):
+            ids[i, longest - len(p):] = torch.tensor(p)
+            valid[i, longest - len(p):] = True
+        pad = (~valid).sum(1)
+        model(ids, kv_cache=cache, position_ids=(torch.arange(longest)[None] - pad[:, None]).clamp(min=0),
+              new_valid=valid, last_only=True)
+        width = max(map(len, extra))
+        chunk = torch.zeros(2, width, dtype=torch.long)
+        cvalid = torch.zeros(2, width, dtype=torch.bool)
+        for i, e in enumerate(extra):
+            chunk[i, width - len(e):] = torch.tensor(e)
+            cvalid[i, width - len(e):] = True
+        lens = cvalid.sum(1)
+        start = torch.tensor([len(p) for p in prompts])
+        pos = (start[:, None] + torch.arange(width)[None] - (width - lens)[:, None]).clamp(min=0)
+        cache.grow(cache.pos + width - cache.max_len)
+        batched = model(chunk, kv_cache=cache, position_ids=pos, new_valid=cvalid, last_only=True)[:, -1]
+        for i, (p, e) in enumerate(zip(prompts, extra)):
+            alone = KVCache(model.config, 1, len(p) + len(e), "cpu", torch.float32)
+            model(torch.tensor([p]), kv_cache=alone, position_ids=torch.arange(len(p))[None], last_only=True)
+            for j, t in enumerate(e):
+                out = model(torch.tensor([[t]]), kv_cache=alone, position_ids=torch.tensor([[len(p) + j]]),
+                            last_only=True)[:, -1]
+            assert torch.allclose(batched[i], out[0], atol=1e-4)
+
+
+def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
+    """With a grammar that fixes most of the text, the engine takes forced tokens without computing masks:
+    far fewer mask computations than tokens, the same valid output as without fast-forward."""
+    import json
+
+    from gptstack.infer.constrained import GrammarHook, compile_grammar, grammar_params
+
+    tok = tiny_tokenizer
+    schema = {"type": "object", "properties": {"kingdom": {"enum": ["Denmark", "Scotland"]},
+                                               "ruler": {"const": "the old king"}},
+              "required": ["kingdom", "ruler"], "additionalProperties": False}
+    grammar = compile_grammar(json_schema=schema, tokenizer=tok)
+    prompts = prompts_of(tok, ["The king", "A long prompt about Denmark and its court"])
+    params = grammar_params(SamplingParams(n=2, seed=3, max_tokens=60), tok)
+    results = {}
+    try:
+        for ff in (True, False):
+            engine.fast_forward = ff
+            hook = GrammarHook(tok, grammar, engine.config.vocab_size)
+            out = engine.generate(prompts, params, hooks=[hook])
+            texts = [c.text for o in out for c in o]
+            n_tokens = sum(len(c.tokens) for o in out for c in o)
+            for c in (c for o in out for c in o):
+                assert c.finish_reason == "stop"
+                assert json.loads(c.text)["ruler"] == "the old king"
+            results[ff] = (hook.mask_calls, n_tokens, texts)
+    finally:
+        engine.fast_forward = True
+    calls_ff, tokens_ff, _ = results[True]
+    calls_plain, tokens_plain, _ = results[False]
+    # one mask per token without fast-forward (+1 per row when it samples the end token)
+    assert tokens_plain <= calls_plain <= tokens_plain + 4
+    assert calls_ff < tokens_ff / 2, results     # most tokens are forced

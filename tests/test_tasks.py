@@ -181,12 +181,17 @@ def test_extraction_partial_credit():
     assert m.extract(json.dumps({"city": f["city"], "age": f["age"], "name": f["name"]})) == ex.answer
 
 
-def test_shakespeare_lines_and_titles():
+def test_shakespeare_passages_and_titles():
     m = get_task("shakespeare")
+    assert min(len(p) for p in m.passages_by_play().values()) > 300   # every play parses into many passages
     exs = m.generate("train", 200, seed=0)
     assert len({e.answer for e in exs}) == 8  # balanced over the eight plays
     for e in exs[:50]:
-        assert 30 <= len(e.meta["line"]) <= 80 and "[" not in e.meta["line"]
+        heading, line, heading2, line2 = e.meta["passage"].split("\n")
+        assert m._is_heading(heading) and m._is_heading(heading2) and "[" not in line + line2
+        assert e.meta["passage"] in e.messages[0]["content"]
+    test = {e.meta["passage"] for e in m.generate("test", 100, seed=0)}
+    assert not test & {e.meta["passage"] for e in exs}
     ex = next(e for e in exs if e.answer == "A Midsummer Night's Dream")
     for reply in ("a midsummer night's dream", "Midsummer Nights Dream.", "Answer: A Midsummer Night's Dream"):
         assert m.check(ex, reply) == 1.0
@@ -222,6 +227,12 @@ def test_facts_documents_context_and_entity_split():
     train_entities = {e.meta["entity"] for e in facts.generate("train", 300)}
     test_entities = {e.meta["entity"] for e in facts.generate("test", 100)}
     assert not train_entities & test_entities and len(test_entities) >= 20
+    # each attribute's values come from its own small vocabulary, so a reply cannot be right by type alone
+    vocab = {}
+    for e in facts.world():
+        for a, v in e.attributes.items():
+            vocab.setdefault(a, set()).add(v)
+    assert len(vocab["capital"]) > 10 and len(vocab["currency"]) > 5 and not vocab["capital"] & vocab["currency"]
 
 
 def test_mixture_is_interleaved_and_deterministic():
@@ -230,3 +241,19 @@ def test_mixture_is_interleaved_and_deterministic():
     assert mix == generate_mixture("arithmetic_direct,greetings", "train", 3, seed=0)
     assert mix[0] == get_task("arithmetic_direct").generate("train", 3, seed=0)[0]
     assert tasks.check_example(mix[1], mix[1].reference()) == 1.0
+
+
+def test_mixture_weights_scale_counts_and_spread_through_the_data():
+    from gptstack.data.tasks import parse_task_weights
+
+    assert parse_task_weights("spelling:3, greetings") == {"spelling": 3.0, "greetings": 1.0}
+    assert set(parse_task_weights("spelling:2,all")) == set(list_tasks())
+    assert parse_task_weights("spelling:2,all")["spelling"] == 2.0
+    assert parse_task_list("spelling:2,greetings") == ["spelling", "greetings"]
+    for bad in ("spelling:x", "spelling:0", "spelling:-1", "nosuchtask:2"):
+        with pytest.raises(DataError):
+            parse_task_weights(bad)
+    mix = generate_mixture("spelling:3,greetings", "train", 20, seed=0)
+    assert [e.task for e in mix].count("spelling") == 60 and len(mix) == 80
+    first = [e.task for e in mix[:20]]   # a prefix holds each task in its share
+    assert first.count("spelling") == 15 and first.count("greetings") == 5

@@ -315,10 +315,19 @@ def cmd_dpo(args) -> None:
 
 
 def cmd_distill(args) -> None:
-    from .train.distill import DistillConfig, distill
+    from .train.distill import DistillConfig, compare_distillation, distill
 
-    result = distill(args.run, config_from_args(DistillConfig, args))
-    _print_last(result, ("loss", "reverse_kl", "task_accuracy", "eval_accuracy"))
+    cfg = config_from_args(DistillConfig, args)
+    if cfg.mode != "compare":
+        result = distill(args.run, cfg)
+        _print_last(result, ("loss", "reverse_kl", "task_accuracy", "eval_accuracy"))
+        return
+    report = compare_distillation(args.run, cfg)
+    print(f"\n{'model':<10} {'greedy acc':>10} {'sampled acc':>11} {'KL to student':>13} {'entropy':>8} {'train s':>8}")
+    for name, r in report.items():
+        print(f"{name:<10} {r['accuracy']:>10.3f} {r['sample_accuracy']:>11.3f} {r.get('kl_to_ref', 0.0):>13.3f} "
+              f"{r['entropy']:>8.3f} {r.get('train_seconds', float('nan')):>8.1f}")
+    print(f"-> {cfg.out}/compare.json")
 
 
 def cmd_align_eval(args) -> None:

@@ -8,7 +8,10 @@ How a batch runs: prompts are left-padded to a common length and prefilled in on
 masked out and every row's positions start at 0); the cache is then repeated n times so n samples of a
 prompt share its prefill; each decode step feeds one token per *unfinished* row — finished rows are dropped
 from the cache, so no work is spent on them. Rows stop on their own: a stop token, a stop string, max tokens,
-the end of the context, or a hook (e.g. a grammar) that says the output is complete.
+the end of the context, or a hook (e.g. a grammar) that says the output is complete. When a grammar forces
+the next tokens (no choice left, like the keys of a JSON object), they are taken without masks or sampling
+and fed to the model together in the next step (rows of different chunk lengths are right-aligned and
+padded, like a prefill).
 
 Text is detokenized incrementally (an incremental UTF-8 decoder per row, so a character split across tokens
 is never shown half, and each step costs O(1) rather than re-decoding the whole completion). Streamed text
@@ -137,6 +140,7 @@ class Engine:
         # GPUs, where per-op launch overhead dominates small models; prefill stays eager.
         self._decode_model = torch.compile(self.model, dynamic=True) if compile else self.model
         self._token_bytes: list[bytes] | None = None
+        self.fast_forward = True   # take grammar-forced tokens without sampling (see events())
 
     def default_stop_ids(self) -> list[int]:
         return [self.tokenizer.assistant_end_id, self.tokenizer.bos_id]
@@ -209,51 +213,98 @@ class Engine:
         detok = [_Detok(params.stop) for _ in range(rows)]
         active = torch.arange(rows, device=self.device)   # row ids still generating, in cache order
         active_list = list(range(rows))
-        for step in range(max_new):
+        # Forced-token fast-forward: when a grammar leaves only one way to go on (the keys and punctuation of
+        # a JSON object), those tokens are taken without computing masks or sampling, and fed to the model in
+        # one chunk with the sampled token. Only with hooks that all know about forcing (a mixing hook runs
+        # a model of its own one token at a time) and without logprobs (forced tokens get no logits).
+        ff_hooks = [h for h in hooks if hasattr(h, "forced_tokens")]
+        fast_forward = (self.fast_forward and bool(hooks) and len(ff_hooks) == len(hooks)
+                        and not params.logprobs)
+
+        def take(r: int, t: int, lp: float | None, events: list) -> bool:
+            """Add token t to row r; False when the row is finished by it (its last event is queued)."""
+            c, d = flat[r], detok[r]
+            if t in stop_ids:
+                c.finish_reason = "stop"
+                events.append(Event(r, t, d.finish(), "stop"))
+                return False
+            c.tokens.append(t)
+            if lp is not None:
+                c.logprobs.append(lp)
+            delta, hit = d.push(self.token_bytes(t))
+            if hit or any(h.finished(r) for h in hooks):
+                c.finish_reason = "stop"
+            elif len(c.tokens) >= max_new:
+                c.finish_reason = "length"
+            else:
+                if delta:
+                    events.append(Event(r, t, delta))
+                return True
+            events.append(Event(r, t, delta + d.finish(), c.finish_reason))
+            return False
+
+        while True:
             raw = logits
             if hooks and params.logprobs:
                 logits = logits.clone()
             for h in hooks:
                 logits = h.process(logits, active)
             tok = sample_next(logits, params, gen, counts[active] if counts is not None else None)
+            lp = None
             if params.logprobs:
                 lp = (raw.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)).tolist()
             for h in hooks:
                 h.accept(active, tok)
-            keep = []
-            tok_list = tok.tolist()
-            last = step == max_new - 1
-            for k, (r, t) in enumerate(zip(active_list, tok_list)):
-                c, d = flat[r], detok[r]
-                if t in stop_ids:
-                    c.finish_reason = "stop"
-                    yield Event(r, t, d.finish(), "stop")
-                    continue
-                c.tokens.append(t)
-                if params.logprobs:
-                    c.logprobs.append(lp[k])
-                delta, hit = d.push(self.token_bytes(t))
-                if hit or any(h.finished(r) for h in hooks):
-                    c.finish_reason = "stop"
-                elif last:
-                    c.finish_reason = "length"
-                else:
-                    keep.append(k)
-                    if delta:
-                        yield Event(r, t, delta)
-                    continue
-                yield Event(r, t, delta + d.finish(), c.finish_reason)
             if counts is not None:
                 counts[active, tok] += 1
+            keep, chunks, events = [], [], []
+            for k, (r, t) in enumerate(zip(active_list, tok.tolist())):
+                if not take(r, t, lp[k] if lp is not None else None, events):
+                    continue
+                chunk = [t]
+                if fast_forward:
+                    alive = True
+                    for f in ff_hooks[0].forced_tokens(r):
+                        one_row, one_tok = torch.tensor([r]), torch.tensor([f])
+                        for h in hooks:
+                            h.accept(one_row, one_tok)
+                        if counts is not None:
+                            counts[r, f] += 1
+                        alive = take(r, f, None, events)
+                        if not alive:
+                            break
+                        chunk.append(f)
+                    if not alive:
+                        continue
+                keep.append(k)
+                chunks.append(chunk)
+            yield from events
             if not keep:
                 break
             if len(keep) < len(active_list):
                 sel = torch.tensor(keep, device=self.device)
                 cache.select(sel)
-                active, tok, next_pos = active[sel], tok[sel], next_pos[sel]
+                active, next_pos = active[sel], next_pos[sel]
                 active_list = [active_list[k] for k in keep]
-            logits = self._forward(tok[:, None], cache, next_pos[:, None], decode=True)
-            next_pos = next_pos + 1
+            width = max(len(ch) for ch in chunks)
+            if width == 1:
+                ids = torch.tensor(chunks, device=self.device)
+                logits = self._forward(ids, cache, next_pos[:, None], decode=True)
+                next_pos = next_pos + 1
+                continue
+            # rows fed different numbers of tokens: right-align each row's chunk (so the last column is every
+            # row's newest token) and mark the left padding invalid, as in a padded prefill
+            ids = torch.zeros(len(chunks), width, dtype=torch.long)
+            new_valid = torch.zeros(len(chunks), width, dtype=torch.bool)
+            for i, ch in enumerate(chunks):
+                ids[i, width - len(ch):] = torch.tensor(ch)
+                new_valid[i, width - len(ch):] = True
+            lens = new_valid.sum(dim=1).to(self.device)
+            positions = (next_pos[:, None] + torch.arange(width, device=self.device)[None, :]
+                         - (width - lens)[:, None]).clamp(min=0)
+            cache.grow(cache.pos + width - cache.max_len)
+            logits = self._forward(ids.to(self.device), cache, positions, new_valid=new_valid.to(self.device))
+            next_pos = next_pos + lens
         for r, c in enumerate(flat):
             c.text = detok[r].text
 

@@ -95,6 +95,17 @@ class KVCache:
         self.v = self.v.repeat_interleave(n, dim=1)
         self.valid = self.valid.repeat_interleave(n, dim=0)
 
+    def grow(self, extra: int) -> None:
+        """Make room for `extra` more positions (a fast-forward step can use more columns than a row gains)."""
+        if extra <= 0:
+            return
+        pad = list(self.k.shape)
+        pad[3] = extra
+        self.k = torch.cat([self.k, self.k.new_zeros(pad)], dim=3)
+        self.v = torch.cat([self.v, self.v.new_zeros(pad)], dim=3)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], extra)], dim=1)
+        self.max_len += extra
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only `rows` (drop finished sequences so decode does no wasted work)."""
         self.k = self.k[:, rows]

@@ -6,7 +6,8 @@
               whole vocabulary at every reply position (mode-seeking: the student is corrected exactly where
               it goes, which offline data never shows it). Needs the teacher's tokenizer.
 
-`compare_distillation` runs both from the same student and reports each on the held-out task suite.
+`compare_distillation` (`gptstack distill --mode compare`) runs both from the same student and reports each
+on the held-out task suite.
 The teacher can also be a reward term of RL (`--reward teacher:RUN`, train/rewards.py).
 """
 
@@ -33,7 +34,7 @@ from .rl import (build_sequences, evaluate_policy, load_policy_state, load_train
 class DistillConfig(TrainConfig):
     out: str = "runs/distill"
     teacher: str = ""
-    mode: str = "onpolicy"           # offline | onpolicy
+    mode: str = "onpolicy"           # offline | onpolicy | compare (both, from the same student, scored side by side)
     tasks: str = "extraction,spelling"
     train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
     eval_examples: int = 64
@@ -59,8 +60,8 @@ class DistillConfig(TrainConfig):
         super().validate()
         if not self.teacher:
             raise ConfigError("give the teacher run: --teacher RUN_DIR")
-        if self.mode not in ("offline", "onpolicy"):
-            raise ConfigError(f"--mode must be offline or onpolicy, got {self.mode!r}")
+        if self.mode not in ("offline", "onpolicy", "compare"):
+            raise ConfigError(f"--mode must be offline, onpolicy or compare, got {self.mode!r}")
 
 
 def _load_teacher(run, device):
@@ -206,19 +207,25 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
     return train(stage, cfg_run)
 
 
-def compare_distillation(student_run, teacher_run, out_dir, tasks: str = "extraction,spelling",
-                         eval_examples: int = 64, **overrides) -> dict:
-    """Offline and on-policy distillation of the same student from the same teacher; each result (and the
-    student and teacher themselves) scored on the held-out task suite, with KL to the student."""
-    device = resolve_device(overrides.get("device", "auto"))
-    eval_ex = task_examples(tasks, "test", eval_examples * len(tasks.split(",")), overrides.get("seed", 0))
+def compare_distillation(student_run, cfg: DistillConfig) -> dict:
+    """Offline and on-policy distillation of the same student from the same teacher, each with `cfg`'s
+    settings, into cfg.out/offline and cfg.out/onpolicy; each result (and the student and teacher themselves)
+    scored greedily on the held-out task suite, with KL to the student. Written to cfg.out/compare.json."""
+    import json
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
     student, tok, _ = load_model(student_run, device)
-    report = {"student": evaluate_policy(student, tok, eval_ex, None)}
-    report["teacher"] = evaluate_policy(load_model(teacher_run, device)[0], tok, eval_ex, student)
+    report = {"student": evaluate_policy(student, tok, eval_ex, None, cfg.max_new_tokens, cfg.seed)}
+    report["teacher"] = evaluate_policy(load_model(cfg.teacher, device)[0], tok, eval_ex, student,
+                                        cfg.max_new_tokens, cfg.seed)
     for mode in ("offline", "onpolicy"):
-        cfg = DistillConfig(out=str(Path(out_dir) / mode), teacher=str(teacher_run), mode=mode, tasks=tasks,
-                            eval_examples=eval_examples, **overrides)
-        result = distill(student_run, cfg)
-        model = load_model(cfg.out, device)[0]
-        report[mode] = {**evaluate_policy(model, tok, eval_ex, student), "train_seconds": result.seconds}
+        run_cfg = replace(cfg, out=str(Path(cfg.out) / mode), mode=mode)
+        result = distill(student_run, run_cfg)
+        model = load_model(run_cfg.out, device)[0]
+        report[mode] = {**evaluate_policy(model, tok, eval_ex, student, cfg.max_new_tokens, cfg.seed),
+                        "train_seconds": result.seconds}
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "compare.json").write_text(json.dumps(report, indent=2))
     return report

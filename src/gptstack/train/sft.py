@@ -36,7 +36,7 @@ DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 class SFTConfig(TrainConfig):
     out: str = "runs/sft"
     data: str = "tasks"            # "tasks" (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]
-    tasks: str = "all"             # data=tasks: "all" or a comma-separated list of task names
+    tasks: str = "all"             # data=tasks: "all" or a list of task names, each optionally name:weight
     examples_per_task: int = 3000  # data=tasks: train-split examples of each task
     max_examples: int = 0          # file data: read at most this many conversations (0: all)
     val_conversations: int = 280   # held out for the periodic masked val loss (tasks: from the test split)
@@ -91,14 +91,16 @@ def apply_sft_preset(cfg: SFTConfig, preset: str, explicit: set[str] = frozenset
 def load_sft_data(cfg: SFTConfig) -> tuple[list[list[dict]], list[list[dict]], str]:
     """(train conversations, held-out conversations, a one-line description)."""
     if cfg.data == "tasks":
-        from ..data.tasks import generate_mixture, parse_task_list
+        from ..data.tasks import generate_mixture, parse_task_list, parse_task_weights
 
         names = parse_task_list(cfg.tasks)
-        train_ex = generate_mixture(names, "train", cfg.examples_per_task, cfg.seed)
+        weights = parse_task_weights(cfg.tasks)
+        train_ex = generate_mixture(cfg.tasks, "train", cfg.examples_per_task, cfg.seed)
         per_task = math.ceil(cfg.val_conversations / len(names)) if cfg.val_conversations else 0
         val_ex = generate_mixture(names, "test", per_task, cfg.seed + 1) if per_task else []
+        shown = ", ".join(n if w == 1 else f"{n} x{w:g}" for n, w in weights.items())
         return ([e.messages for e in train_ex], [e.messages for e in val_ex],
-                f"task suite: {', '.join(names)} ({cfg.examples_per_task} train examples each)")
+                f"task suite: {shown} ({cfg.examples_per_task} train examples per unit of weight)")
     from ..data.chat import load_conversations
 
     convs = load_conversations(cfg.data, max_examples=cfg.max_examples or None)

@@ -79,29 +79,48 @@ def get_task(name: str) -> ModuleType:
         raise DataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}") from None
 
 
-def parse_task_list(spec: str) -> list[str]:
-    """'all' or a comma-separated list of task names -> validated names, in order, without repeats."""
+def parse_task_weights(spec: str) -> dict[str, float]:
+    """'all' or a comma-separated list of task names, each optionally with a mixture weight ('name:3'); 'all'
+    inside a list adds every task not named (weight 1) -> {name: weight}, in order, without repeats."""
     if spec is None or not str(spec).strip():
         raise DataError(f"empty task list; use 'all' or some of: {', '.join(TASKS)}")
-    if spec.strip() == "all":
-        return list_tasks()
-    names = []
-    for name in (s.strip() for s in spec.split(",")):
-        if not name:
+    weights: dict[str, float] = {}
+    expand_all = False
+    for item in (s.strip() for s in str(spec).split(",")):
+        if not item:
             continue
+        if item == "all":
+            expand_all = True
+            continue
+        name, _, w = item.partition(":")
+        name = name.strip()
         get_task(name)
-        if name not in names:
-            names.append(name)
-    if not names:
+        try:
+            weight = float(w) if w.strip() else 1.0
+        except ValueError:
+            raise DataError(f"bad mixture weight in '{item}': use name:NUMBER, e.g. arithmetic_cot:3") from None
+        if not weight > 0:
+            raise DataError(f"mixture weight of '{name}' must be positive, got {w}")
+        weights.setdefault(name, weight)
+    if expand_all:
+        for name in list_tasks():
+            weights.setdefault(name, 1.0)
+    if not weights:
         raise DataError(f"empty task list '{spec}'; use 'all' or some of: {', '.join(TASKS)}")
-    return names
+    return weights
+
+
+def parse_task_list(spec: str) -> list[str]:
+    """'all' or a comma-separated list of task names (weights, if given, ignored) -> validated names."""
+    return list(parse_task_weights(spec))
 
 
 def generate_mixture(names, split: str, n_per_task: int, seed: int = 0) -> list[Example]:
-    """n_per_task examples of every named task, interleaved round-robin (deterministic given the seed)."""
-    if isinstance(names, str):
-        names = parse_task_list(names)
-    return interleave([get_task(name).generate(split, n_per_task, seed) for name in names])
+    """n_per_task examples of every named task (times its weight, with 'name:w' specs), interleaved in
+    proportion so any prefix of the mixture has every task in its share (deterministic given the seed)."""
+    weights = parse_task_weights(names) if isinstance(names, str) else {n: 1.0 for n in names}
+    return interleave([get_task(name).generate(split, max(1, round(n_per_task * w)), seed)
+                       for name, w in weights.items()])
 
 
 def check_example(example: Example, completion: str) -> float:
@@ -109,5 +128,6 @@ def check_example(example: Example, completion: str) -> float:
     return get_task(example.task).check(example, completion)
 
 
-__all__ = ["Example", "Task", "TASKS", "get_task", "list_tasks", "parse_task_list", "generate_mixture",
+__all__ = ["Example", "Task", "TASKS", "get_task", "list_tasks", "parse_task_list", "parse_task_weights",
+           "generate_mixture",
            "check_example"]

@@ -4,10 +4,15 @@ No model can know "The capital of Zorvania is Kelmith" from pretraining, so accu
 context is chance, and with it measures reading from context. Train and test ask about *different* entities
 (the split hashes the entity name), so SFT teaches the format of answering from a context, not the facts.
 
-Every example's prompt carries a context of two documents, the gold one and a distractor of the same kind,
-so the model has to match the entity rather than copy the only name in sight. `meta` keeps the bare
-question, the context and the gold source, so a retrieval-augmented prompt can be built from retrieved
-passages instead (`rag_prompt`), and `documents()` is the corpus a retrieval index is built from.
+Every example's prompt carries the entity's document as its context; the question picks one of the two or
+three values in it, so the model has to read the attribute asked for rather than copy the first name in
+sight (the checker fails a reply that also names another value of the context). Each attribute draws its
+values from a small fixed vocabulary of invented words (24 capitals, 12 languages, 12 currencies, 20
+professions): which value belongs to which entity is only in the documents, so without a context the best
+a model can do is guess one of the vocabulary (about 1 in 20), while a small model learns the values' spelling
+quickly and spends its capacity on the reading. `meta` keeps the bare question, the context and the gold
+source, so a retrieval-augmented prompt can be built from retrieved passages instead (`rag_prompt`), and
+`documents()` is the corpus a retrieval index is built from.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from ._common import answer_line, check_args, clean_completion, collect, first_l
 NAME = "facts"
 DESCRIPTION = "answer questions about fictional countries and people from a given context"
 
-N_COUNTRIES, N_PEOPLE = 150, 90
+N_COUNTRIES, N_PEOPLE = 500, 300
+N_CAPITALS, N_LANGUAGES, N_CURRENCIES = 24, 12, 12
 TEST_EVERY = 5  # a fifth of the entities: enough distinct test questions for a stable accuracy
 PROFESSIONS = ["painter", "baker", "sailor", "farmer", "weaver", "potter", "teacher", "doctor", "miner", "tailor",
                "singer", "poet", "judge", "merchant", "builder", "gardener", "hunter", "carpenter", "brewer", "scribe"]
@@ -71,15 +77,14 @@ def world(seed: int = 0) -> tuple[Entity, ...]:
                 used.add(w.lower())
                 return w
 
+    capitals = [word(2, rng.choice(["", "th", "holm", "grad"])) for _ in range(N_CAPITALS)]
+    languages = [word(2, rng.choice(["ish", "ese", "ic"])) for _ in range(N_LANGUAGES)]
+    currencies = [word(1).lower() for _ in range(N_CURRENCIES)]
     entities = []
     for _ in range(N_COUNTRIES):
-        stem = word(2)
-        entities.append(Entity(stem + rng.choice(["ia", "land", "mark", "ovia"]), "country", {
-            "capital": word(2, rng.choice(["", "th", "holm", "grad"])),
-            "language": stem + rng.choice(["ish", "ese", "ic"]),
-            "currency": word(1).lower(),
+        entities.append(Entity(word(2) + rng.choice(["ia", "land", "mark", "ovia"]), "country", {
+            "capital": rng.choice(capitals), "language": rng.choice(languages), "currency": rng.choice(currencies),
         }))
-    capitals = [e.attributes["capital"] for e in entities]
     for _ in range(N_PEOPLE):
         entities.append(Entity(f"{word(2)} {word(2)}", "person", {
             "profession": rng.choice(PROFESSIONS), "birthplace": rng.choice(capitals)}))
@@ -101,19 +106,15 @@ def generate(split: str, n: int, seed: int = 0, world_seed: int = 0) -> list[Exa
     examples of any seed are about the world that `documents()` returns)."""
     check_args(split, n)
     pool = [e for e in world(world_seed) if split_of(e.name, TEST_EVERY) == split]
-    by_kind = {k: [e for e in pool if e.kind == k] for k in ("country", "person")}
 
     def draw(rng: random.Random) -> Example:
         entity = rng.choice(pool)
         attribute = rng.choice(sorted(entity.attributes))
         answer = entity.attributes[attribute]
-        others = [e for e in by_kind[entity.kind] if e is not entity]
-        docs = [entity] + ([rng.choice(others)] if others else [])
-        rng.shuffle(docs)
         question = QUESTIONS[attribute].format(e=entity.name)
-        context = "\n".join(d.text() for d in docs)
-        distractors = sorted({v for d in docs for v in d.attributes.values() if v.lower() != answer.lower()})
-        messages = [{"role": "user", "content": rag_prompt(question, [d.text() for d in docs])},
+        context = entity.text()
+        distractors = sorted({v for v in entity.attributes.values() if v.lower() != answer.lower()})
+        messages = [{"role": "user", "content": rag_prompt(question, [context])},
                     {"role": "assistant", "content": answer}]
         return Example(NAME, messages, answer, {
             "question": question, "context": context, "source": entity.source, "entity": entity.name,

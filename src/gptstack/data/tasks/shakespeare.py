@@ -1,7 +1,10 @@
-"""Which play is this line from? Grounded in the embedded corpus, over eight well-known plays.
+"""Which play is this passage from? Grounded in the embedded corpus, over eight well-known plays.
 
-A small closed set of answers keeps the task learnable by a tiny model (character names and vocabulary give
-plays away), while the lines themselves are real text the model saw in pretraining.
+A passage is two consecutive speeches as the corpus prints them: the speaker's heading, then the first line
+of the speech. A small closed set of answers and the speakers' names (each play has its own cast) keep the
+task learnable by a tiny model, while the text itself is real text the model saw in pretraining. Train and
+test passages are disjoint (split by the passage text); the casts are shared, as they would be for a reader
+who has seen other scenes of the same plays.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from . import Example
 from ._common import answer_line, check_args, collect, first_line, rng_for
 
 NAME = "shakespeare"
-DESCRIPTION = "name the play (one of eight) a spoken line comes from"
+DESCRIPTION = "name the play (one of eight) a two-speech passage comes from"
 
 # corpus document name -> the title the assistant answers with
 PLAYS = {
@@ -26,7 +29,7 @@ PLAYS = {
     "julius_caesar": "Julius Caesar",
     "tempest": "The Tempest",
 }
-MIN_CHARS, MAX_CHARS = 30, 80
+MIN_CHARS, MAX_CHARS = 12, 70
 
 
 def normalize_title(text: str) -> str:
@@ -40,48 +43,59 @@ _CANONICAL = {normalize_title(k): v for k, v in PLAYS.items()} | {normalize_titl
 _CANONICAL["lear"] = "King Lear"
 
 
-def _spoken_lines(text: str) -> list[str]:
-    """Lines of verse or prose after 'ACT I', without stage directions, headings or speaker names."""
+def _is_heading(line: str) -> bool:
+    """A speaker heading as the corpus prints it: 'Ber.', 'BOATSWAIN.', 'First Lord.', 'THESEUS'"""
+    return ((line.endswith(".") or line.upper() == line) and 2 <= len(line) <= 30 and "[" not in line
+            and not re.match(r"(act|scene)\b", line, re.I) and line[0].isupper())
+
+
+def _speeches(text: str) -> list[tuple[str, str]]:
+    """(speaker heading, first spoken line) of each speech after 'ACT I', skipping stage directions."""
     lines = text.split("\n")
     start = next((i for i, l in enumerate(lines) if re.match(r"\s*act\s+(i|1)\b", l, re.I)), 0)
     out = []
-    for raw in lines[start:]:
-        line = raw.strip()
-        if not (MIN_CHARS <= len(line) <= MAX_CHARS):
+    for block in "\n".join(lines[start:]).split("\n\n"):
+        rows = [r.strip() for r in block.strip().split("\n") if r.strip()]
+        if len(rows) < 2 or not _is_heading(rows[0]):
             continue
-        if "[" in line or "]" in line or re.match(r"(act|scene)\b", line, re.I) or line.upper() == line:
-            continue
-        out.append(line)
+        spoken = next((r for r in rows[1:] if "[" not in r and "]" not in r), None)
+        if spoken and MIN_CHARS <= len(spoken) <= MAX_CHARS:
+            out.append((rows[0], spoken))
+        elif spoken and len(spoken) > MAX_CHARS:
+            out.append((rows[0], spoken[:MAX_CHARS].rsplit(" ", 1)[0]))
     return out
 
 
 @functools.lru_cache(maxsize=1)
-def lines_by_play() -> dict[str, tuple[str, ...]]:
-    """Spoken lines of each play; a line found in more than one of the plays is dropped (it has no answer)."""
+def passages_by_play() -> dict[str, tuple[str, ...]]:
+    """Two-speech passages of each play; a passage found in more than one of the plays is dropped."""
     from ..corpus import shakespeare_texts
 
     texts = shakespeare_texts()
-    per_play = {doc: sorted(set(_spoken_lines(texts[doc]))) for doc in PLAYS}
+    per_play = {}
+    for doc in PLAYS:
+        sp = _speeches(texts[doc])
+        per_play[doc] = sorted({f"{a}\n{x}\n{b}\n{y}" for (a, x), (b, y) in zip(sp, sp[1:])})
     owners: dict[str, int] = {}
-    for lines in per_play.values():
-        for line in lines:
-            owners[line] = owners.get(line, 0) + 1
-    return {doc: tuple(l for l in lines if owners[l] == 1) for doc, lines in per_play.items()}
+    for passages in per_play.values():
+        for p in passages:
+            owners[p] = owners.get(p, 0) + 1
+    return {doc: tuple(p for p in passages if owners[p] == 1) for doc, passages in per_play.items()}
 
 
 def _draw(rng) -> Example:
-    pool = lines_by_play()
+    pool = passages_by_play()
     doc = rng.choice(list(PLAYS))  # play first: balanced classes, whatever the plays' lengths
-    line = rng.choice(pool[doc])
+    passage = rng.choice(pool[doc])
     title = PLAYS[doc]
-    messages = [{"role": "user", "content": f"Which play is this line from? {line}"},
+    messages = [{"role": "user", "content": f"Which play is this passage from?\n\n{passage}"},
                 {"role": "assistant", "content": title}]
-    return Example(NAME, messages, title, {"line": line, "play": doc})
+    return Example(NAME, messages, title, {"passage": passage, "play": doc})
 
 
 def generate(split: str, n: int, seed: int = 0) -> list[Example]:
     check_args(split, n)
-    return collect(split, n, rng_for(NAME, seed), _draw, key=lambda ex: ex.meta["line"])
+    return collect(split, n, rng_for(NAME, seed), _draw, key=lambda ex: ex.meta["passage"])
 
 
 def extract(completion: str) -> str | None:
