@@ -26,6 +26,9 @@ def test_micro_pipeline_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
         assert set(result["tasks"]) >= {"arithmetic_cot", "spelling", "extraction"}
         assert result["json_validity"]["constrained"] == 1.0  # the grammar guarantees valid JSON, even untrained
         assert "diversity" in result
+        if stage != "base":
+            r = result["retrieval"]
+            assert r["k"] == 1 and 0 <= r["accuracy_without"] <= 1 and r["retrieval_recall"] > 0.5
     html = (root / "report.html").read_text()
     assert "Task accuracy" in html and "<img" in html
 

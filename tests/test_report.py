@@ -83,7 +83,9 @@ def make_run_root(root: Path) -> Path:
     evals = {
         "base": _eval("base", 0.0, _div(0.05, 2.9, 0.85, 0.08)),
         "sft": _eval("sft", 0.35, _div(0.40, 1.4, 0.55, 0.30), _div(0.33, 2.1, 0.72, 0.15),
-                     {"json_validity": {"constrained": 1.0, "unconstrained": 0.62}}),
+                     {"json_validity": {"constrained": 1.0, "unconstrained": 0.62},
+                      "retrieval": {"accuracy_without": 0.04, "accuracy_with_retrieval": 0.71,
+                                    "accuracy_gold_context": 0.75, "retrieval_recall": 0.96}}),
         "sft_lora": _eval("sft_lora", 0.3, _div(0.36, 1.5, 0.6, 0.27)),
         "grpo": _eval("grpo", 0.55, _div(0.62, 0.7, 0.35, 0.55), _div(0.55, 1.5, 0.6, 0.3),
                       {"json_validity": {"constrained": 1.0, "unconstrained": 0.7}}),
@@ -127,6 +129,7 @@ def test_report_files_and_numbers(report):
         assert (root / rel).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (root / "report.md").read_text()
     assert "| SFT |" in md and "report_files/accuracy.png" in md and "35.0%" in md
+    assert "Retrieval vs memory" in md and "71.0%" in md
 
 
 def test_html_is_self_contained_and_escaped(report):

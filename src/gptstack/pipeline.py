@@ -22,19 +22,27 @@ from .errors import ConfigError, GptstackError
 # stage names are the names of their outputs under RUN_ROOT (base/, prefs.jsonl, rm/, ...)
 STAGES = ["base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "eval", "report"]
 
+TINY_SFT_MIXTURE = ("arithmetic_cot:3,arithmetic_direct,facts:2.5,spelling,extraction:0.8,shakespeare:0.4,"
+                    "greetings:0.4")
+
 # Per-preset stage flags. Minutes are wall-clock training budgets (the LR schedule follows the clock).
 PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
     "tiny": {
         "base": ["--preset", "tiny", "--minutes", "5.0"],
-        "sft": ["--minutes", "1.6", "--steps", "0"],
-        "sft_lora": ["--lora", "--minutes", "1.0", "--steps", "0"],
+        # Small batches (more optimizer steps in the budget) and a mixture weighted towards the skills that
+        # take longest to learn (carrying digits, reading a context); the easy formats need little data.
+        "sft": ["--minutes", "2.5", "--steps", "0", "--batch-size", "4", "--tasks", TINY_SFT_MIXTURE],
+        "sft_lora": ["--lora", "--minutes", "1.5", "--steps", "0", "--batch-size", "4", "--tasks", TINY_SFT_MIXTURE],
         # RL and preference data on the tasks a tiny SFT model gets partly right: that is where there is signal
         "prefs": ["--tasks", "extraction,spelling", "--samples-per-prompt", "4", "--n-prompts", "96"],
         "rm": ["--minutes", "0.5", "--steps", "0"],
-        "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "1.2", "--steps", "0"],
+        # GRPO where the SFT model is right on some samples of a prompt and wrong on others (the groups with
+        # signal); 64 new tokens leave room for the column-by-column working of a carry
+        "grpo": ["--algo", "grpo", "--reward", "task", "--tasks", "spelling,facts,arithmetic_cot",
+                 "--max-new-tokens", "64", "--minutes", "1.2", "--steps", "0"],
         "ppo": ["--algo", "ppo", "--samples", "4", "--minutes", "0.8", "--steps", "0"],
         "dpo": ["--minutes", "0.4", "--steps", "0", "--lr", "3e-5"],
-        "eval": ["--n-examples", "24"],
+        "eval": ["--n-examples", "40"],
     },
     "d12": {
         "base": ["--preset", "d12"],

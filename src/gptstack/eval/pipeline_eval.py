@@ -2,7 +2,8 @@
 
 Per stage: task accuracy (greedy and sampled pass@1) on every task's test split; self-consistency vote on
 the chain-of-thought tasks and best-of-n by the reward model (chat stages); JSON validity of the extraction
-task with and without the llguidance schema constraint; and model collapse — diversity, entropy and quality
+task with and without the llguidance schema constraint; facts accuracy with and without retrieval (chat
+stages); and model collapse — diversity, entropy and quality
 of K samples per prompt, also for the chat model mixed with its base model. A stage whose eval is newer
 than its checkpoint is not evaluated again.
 """
@@ -75,6 +76,8 @@ def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int
     if stage != "base":
         _add_ensembles(out, model, tok, root, n_examples, seed)
     out["json_validity"] = json_validity(model, tok, n_examples, seed)
+    if stage != "base":
+        out["retrieval"] = _retrieval(model, tok, n_examples, seed)
     out["diversity"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed, max_tokens=48)
     if stage != "base" and (root / "base" / "model.safetensors").exists():
         hook = _mixing_hook(root / "base", model)
@@ -108,6 +111,16 @@ def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None
             prompts = [tok.render_prompt(e.prompt_messages()) for e in examples]
             best = best_of_n(engine, prompts, 4, scorer, params)
             out["tasks"][name]["best_of"] = sum(task.check(e, b.completion.text) for e, b in zip(examples, best)) / n
+
+
+def _retrieval(model, tok, n: int, seed: int) -> dict:
+    """Facts-task accuracy with no context, with the BM25 top-1 passage from the facts corpus, and with the
+    gold passage: what retrieval buys over the model's memory."""
+    from ..data.tasks import get_task
+    from ..infer.engine import Engine
+    from ..infer.retrieval import retrieval_gain
+
+    return retrieval_gain(Engine(model, tok), get_task("facts").generate("test", n, seed + 7), k=1)
 
 
 def _mixing_hook(base_run: Path, chat_model):

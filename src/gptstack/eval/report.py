@@ -581,6 +581,16 @@ def table_json(data):
     return (["stage", "constrained decoding", "unconstrained"], rows) if rows else None
 
 
+def table_retrieval(data):
+    rows = [[label(s), (pct(r.get("accuracy_without")), _num(r.get("accuracy_without"))),
+             (pct(r.get("accuracy_with_retrieval")), _num(r.get("accuracy_with_retrieval"))),
+             (pct(r.get("accuracy_gold_context")), _num(r.get("accuracy_gold_context"))),
+             (pct(r.get("retrieval_recall")), None)]
+            for s, e in data["evals"].items() if isinstance(r := e.get("retrieval"), dict)]
+    head = ["stage", "no context (memory)", "retrieved context", "gold context", "retrieval recall"]
+    return (head, rows) if rows else None
+
+
 def table_collapse(data):
     pts = _collapse_points(data)
     if not pts:
@@ -825,6 +835,9 @@ def render_html(data: dict, plots: dict[str, bytes | None], samples_per_stage: i
         extra += "<h3>Chain of thought vs direct answers (greedy)</h3>" + _html_table(t)
     if t := table_json(data):
         extra += "<h3>Valid JSON (extraction task)</h3>" + _html_table(t)
+    if t := table_retrieval(data):
+        extra += ("<h3>Retrieval vs memory (facts task: questions about invented facts, BM25 top-1 passage "
+                  "from the facts corpus)</h3>" + _html_table(t))
     sections.append(_section("accuracy", "Task accuracy",
                              "Held-out accuracy on the synthetic verifiable tasks, greedy decoding, per stage.",
                              (acc + _img(plots.get("accuracy"), "task accuracy by stage") + extra)
@@ -900,7 +913,7 @@ def render_markdown(data: dict, plot_files: dict[str, str], samples_per_stage: i
     out.append("\n## Task accuracy (greedy)\n\n" + _md_table(table_accuracy(data), "no evaluation results")
                + img("accuracy", "accuracy"))
     for title, t in (("Decoding strategies", table_decoding(data)), ("CoT vs direct", table_cot(data)),
-                     ("JSON validity", table_json(data))):
+                     ("JSON validity", table_json(data)), ("Retrieval vs memory (facts)", table_retrieval(data))):
         if t:
             out.append(f"\n### {title}\n\n" + _md_table(t))
     out.append("\n## Model collapse\n\n" + _md_table(table_collapse(data), "no diversity measurements")

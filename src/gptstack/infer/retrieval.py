@@ -290,9 +290,9 @@ def augment(question: str, hits: Sequence[tuple[float, Chunk]], sources: bool = 
     return rag_prompt(question, [f"[{c.source}] {c.text}" if sources else c.text for _, c in hits])
 
 
-def retrieval_gain(engine, examples, index: Index | None = None, k: int = 2, params=None) -> dict:
-    """Accuracy on `facts` examples answering from (a) no context at all, (b) passages retrieved from the
-    facts corpus, and (c) the task's own gold + distractor context: what retrieval buys over no context."""
+def retrieval_gain(engine, examples, index: Index | None = None, k: int = 1, params=None) -> dict:
+    """Accuracy on `facts` examples answering from (a) no context at all, (b) the top-k passages retrieved
+    from the facts corpus, and (c) the task's own gold context: what retrieval buys over no context."""
     from ..data.tasks import get_task
     from .sampling import SamplingParams
 
