@@ -211,11 +211,12 @@ def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
 
     tok = tiny_tokenizer
     schema = {"type": "object", "properties": {"kingdom": {"enum": ["Denmark", "Scotland"]},
-                                               "ruler": {"const": "the old king"}},
-              "required": ["kingdom", "ruler"], "additionalProperties": False}
+                                               "ruler": {"const": "the old king"},
+                                               "note": {"type": "string", "minLength": 2, "maxLength": 6}},
+              "required": ["kingdom", "ruler", "note"], "additionalProperties": False}
     grammar = compile_grammar(json_schema=schema, tokenizer=tok)
     prompts = prompts_of(tok, ["The king", "A long prompt about Denmark and its court"])
-    params = grammar_params(SamplingParams(n=2, seed=3, max_tokens=60), tok)
+    params = grammar_params(SamplingParams(n=2, seed=3, max_tokens=100), tok)
     results = {}
     try:
         for ff in (True, False):
@@ -225,7 +226,7 @@ def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
             texts = [c.text for o in out for c in o]
             n_tokens = sum(len(c.tokens) for o in out for c in o)
             for c in (c for o in out for c in o):
-                assert c.finish_reason == "stop"
+                assert c.finish_reason == "stop", (ff, c.text, len(c.tokens))
                 assert json.loads(c.text)["ruler"] == "the old king"
             results[ff] = (hook.mask_calls, n_tokens, texts)
     finally:
@@ -235,3 +236,13 @@ def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
     # one mask per token without fast-forward (+1 per row when it samples the end token)
     assert tokens_plain <= calls_plain <= tokens_plain + 4
     assert calls_ff < tokens_ff / 2, results     # most tokens are forced
+
+    # rows that run to max_tokens after ragged fast-forward steps need more cache columns than planned
+    long_text = {"type": "object", "properties": {
+        "ruler": {"enum": ["Denmark and Norway", "Rome"]},   # rows force different tails
+        "note": {"type": "string"}}, "required": ["ruler", "note"], "additionalProperties": False}
+    hook = GrammarHook(tok, compile_grammar(json_schema=long_text, tokenizer=tok), engine.config.vocab_size)
+    out = engine.generate(prompts, grammar_params(SamplingParams(n=4, seed=1, max_tokens=70), tok), hooks=[hook])
+    assert {c.text.startswith("{\"ruler\": \"Rome") for o in out for c in o} == {True, False}, [c.text for o in out for c in o]
+    assert all(len(c.tokens) <= 70 for o in out for c in o)
+    assert any(c.finish_reason == "length" for o in out for c in o)

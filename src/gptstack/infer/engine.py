@@ -287,6 +287,8 @@ class Engine:
                 active, next_pos = active[sel], next_pos[sel]
                 active_list = [active_list[k] for k in keep]
             width = max(len(ch) for ch in chunks)
+            if cache.pos + width > cache.max_len:   # earlier fast-forward steps used columns beyond the plan
+                cache.grow(max(cache.pos + width - cache.max_len, 32))
             if width == 1:
                 ids = torch.tensor(chunks, device=self.device)
                 logits = self._forward(ids, cache, next_pos[:, None], decode=True)
@@ -302,7 +304,6 @@ class Engine:
             lens = new_valid.sum(dim=1).to(self.device)
             positions = (next_pos[:, None] + torch.arange(width, device=self.device)[None, :]
                          - (width - lens)[:, None]).clamp(min=0)
-            cache.grow(cache.pos + width - cache.max_len)
             logits = self._forward(ids.to(self.device), cache, positions, new_valid=new_valid.to(self.device))
             next_pos = next_pos + lens
         for r, c in enumerate(flat):
