@@ -63,7 +63,7 @@ def test_one_step_changes_every_trainable_parameter(run, tmp_path, algo):
     from gptstack.train.loop import train
     from gptstack.train.rl import prepare_rl
 
-    setup = prepare_rl(run, rl_cfg(tmp_path / algo, algo=algo, kl_coef=0.05), reward_fn=text_reward)
+    setup = prepare_rl(run, rl_cfg(tmp_path / algo, algo=algo, kl_coef=0.05, eval_every=1), reward_fn=text_reward)
     model = setup.stage.model
     before, ref_before = snapshot(model), snapshot(setup.ref)
     result = train(setup.stage, setup.cfg)
@@ -72,10 +72,14 @@ def test_one_step_changes_every_trainable_parameter(run, tmp_path, algo):
     assert not unchanged, f"{algo}: parameters that did not move: {unchanged}"
     assert all(torch.equal(p, ref_before[n]) for n, p in setup.ref.named_parameters())
     m = [json.loads(l) for l in (tmp_path / algo / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in m if "reward" in r]
     for key in ("reward", "kl", "entropy", "clip_frac", "task_accuracy"):
-        assert key in m[-1]
+        assert key in train_records[-1]
+    # the starting model's held-out accuracy is logged before the first step: the baseline of the curve
+    evals = [r for r in m if "eval_accuracy" in r]
+    assert [r["step"] for r in evals] == [0, 1]
     if algo == "grpo":
-        assert "zero_var_groups" in m[-1]
+        assert "zero_var_groups" in train_records[-1]
     # the run directory is an ordinary LM run
     from gptstack.train.checkpoint import load_model
     loaded, _, cfg = load_model(tmp_path / algo)

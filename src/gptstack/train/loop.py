@@ -61,6 +61,7 @@ class Stage:
     save: Callable[[torch.nn.Module, Path, str], None] = default_save
     load: Callable[[torch.nn.Module, Path], None] = default_load
     evaluate: Callable[[torch.nn.Module], dict] | None = None     # -> {"val_loss": ..., "val_bpb": ...}
+    evaluate_at_start: bool = False            # also evaluate before step 1 (a fresh run): the baseline in the log
     sample: Callable[[torch.nn.Module], str] | None = None        # -> text shown in the log
     tokens_in: Callable[[dict], int] = lambda b: int(b["input_ids"].numel())
     flops_per_token: float = 0.0
@@ -261,8 +262,22 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     total = cfg.steps if cfg.steps else int(budget_s)
     bar = tqdm(total=total, initial=start_step if cfg.steps else int(elapsed_before), disable=not (cfg.progress and is_main),
                desc=stage.name, unit="step" if cfg.steps else "s", dynamic_ncols=True, leave=True)
-    step, t0 = start_step, time.time()
     last: dict = {}
+
+    def run_eval(step: int, tokens: int) -> None:
+        model.eval()
+        with torch.no_grad(), autocast(device, amp_dtype):
+            ev = stage.evaluate(model)
+        ev = {k: round(float(v), 6) for k, v in ev.items()}
+        last.update(ev)
+        log.write({"step": step, "tokens": tokens, **ev})
+        if is_main:
+            bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+
+    if stage.evaluate and stage.evaluate_at_start and start_step == 0:
+        run_eval(0, 0)   # before the clock starts: the budget is for training
+        last.clear()
+    step, t0 = start_step, time.time()
     window_tokens, window_t = 0, time.time()
     interrupted = False
 
@@ -346,14 +361,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
                 last.update(record)
                 log.write(record)
             if stage.evaluate and (step % cfg.eval_every == 0 or done):
-                model.eval()
-                with torch.no_grad(), autocast(device, amp_dtype):
-                    ev = stage.evaluate(model)
-                ev = {k: round(float(v), 6) for k, v in ev.items()}
-                last.update(ev)
-                log.write({"step": step, "tokens": tokens_seen, **ev})
-                if is_main:
-                    bar.write(f"step {step}: " + "  ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                run_eval(step, tokens_seen)
             if stage.sample and is_main and cfg.sample_every and (step % cfg.sample_every == 0 or done):
                 model.eval()
                 with torch.no_grad():

@@ -474,7 +474,7 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
 
     run_config = policy_run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
     stage = Stage(name=cfg.algo, model=model, batches=batches, loss_fn=loss, run_config=run_config, tokenizer=tok,
-                  save=save, load=load, evaluate=evaluate if cfg.eval_every else None,
+                  save=save, load=load, evaluate=evaluate if cfg.eval_every else None, evaluate_at_start=True,
                   tokens_in=lambda b: int(b["resp_mask"].sum()),
                   extra_state=kl.state_dict, load_extra_state=kl.load_state_dict,
                   n_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
