@@ -278,3 +278,20 @@ def test_cli_tasks(tmp_path, capsys):
 
     assert len(load_conversations(str(out))) == 5
     assert main(["tasks", "show", "nosuch"]) == 2
+
+
+def test_lora_on_the_head_itself_trains_and_reloads(tok, base_run, tmp_path):
+    """lm_head in --lora-targets: the head gets LoRA factors (no separate special-token rows for it, which PEFT
+    cannot put on a LoRA layer), the run trains and loads back."""
+    from gptstack.train.checkpoint import load_model
+
+    out = tmp_path / "head"
+    sft(base_run, tiny_cfg(out, steps=1, lora=True, val_conversations=0,
+                           lora_targets="q_proj,v_proj,lm_head"))
+    import json
+
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" in adapter["target_modules"]
+    assert list(adapter["trainable_token_indices"]) == ["embed_tokens"]
+    model, _, _ = load_model(out)
+    assert any("lm_head" in n and "lora_A" in n for n, _ in model.named_parameters())

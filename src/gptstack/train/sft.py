@@ -252,8 +252,11 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
         # rank them last. With both frozen the model cannot learn to end a reply (measured: <|assistant_end|>
         # stays at ~7 nats), so their rows train too, as PEFT trainable tokens (a few rows, saved in the adapter).
         specials = sorted(set(tokenizer.special_ids.values())) if cfg.lora_train_specials else []
-        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, parse_targets(cfg.lora_targets),
-                           trainable_tokens={"embed_tokens": specials, "lm_head": specials} if specials else None)
+        targets = parse_targets(cfg.lora_targets)
+        # a module that gets LoRA factors itself (lm_head / embed_tokens when listed) needs no token rows
+        token_rows = {m: specials for m in ("embed_tokens", "lm_head") if specials and m not in targets}
+        model = apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, targets,
+                           trainable_tokens=token_rows or None)
         adapter_info = {"lora": True, "rank": cfg.lora_rank, "alpha": cfg.lora_alpha,
                         "targets": parse_targets(cfg.lora_targets), "qlora": cfg.qlora,
                         "trainable_tokens": specials,
