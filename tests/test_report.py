@@ -85,10 +85,12 @@ def make_run_root(root: Path) -> Path:
         "sft": _eval("sft", 0.35, _div(0.40, 1.4, 0.55, 0.30), _div(0.33, 2.1, 0.72, 0.15),
                      {"json_validity": {"constrained": 1.0, "unconstrained": 0.62},
                       "retrieval": {"accuracy_without": 0.04, "accuracy_with_retrieval": 0.71,
-                                    "accuracy_gold_context": 0.75, "retrieval_recall": 0.96}}),
+                                    "accuracy_gold_context": 0.75, "retrieval_recall": 0.96},
+                      "alignment": {"entropy": 0.61, "kl_to_sft": 0.0}}),
         "sft_lora": _eval("sft_lora", 0.3, _div(0.36, 1.5, 0.6, 0.27)),
         "grpo": _eval("grpo", 0.55, _div(0.62, 0.7, 0.35, 0.55), _div(0.55, 1.5, 0.6, 0.3),
-                      {"json_validity": {"constrained": 1.0, "unconstrained": 0.7}}),
+                      {"json_validity": {"constrained": 1.0, "unconstrained": 0.7},
+                       "alignment": {"entropy": 0.42, "kl_to_sft": 1.234}}),
         "dpo": _eval("dpo", 0.45, _div(0.5, 1.0, 0.45, 0.4)),
     }
     for t in evals["grpo"]["tasks"].values():
@@ -130,6 +132,7 @@ def test_report_files_and_numbers(report):
     md = (root / "report.md").read_text()
     assert "| SFT |" in md and "report_files/accuracy.png" in md and "35.0%" in md
     assert "Retrieval vs memory" in md and "71.0%" in md
+    assert "KL to SFT" in md and "1.234" in md
 
 
 def test_html_is_self_contained_and_escaped(report):

@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo", "dpo": "dpo"}
+STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo", "dpo": "dpo",
+              "distill": "distill"}
 VOTE_TASKS = ["arithmetic_cot"]
 DIVERSITY_TASKS = ["greetings", "shakespeare"]
 
@@ -78,6 +79,7 @@ def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int
     out["json_validity"] = json_validity(model, tok, n_examples, seed)
     if stage != "base":
         out["retrieval"] = _retrieval(model, tok, n_examples, seed)
+        out["alignment"] = _alignment(model, tok, root, n_examples, seed)
     out["diversity"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed, max_tokens=48)
     if stage != "base" and (root / "base" / "model.safetensors").exists():
         hook = _mixing_hook(root / "base", model)
@@ -111,6 +113,19 @@ def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None
             prompts = [tok.render_prompt(e.prompt_messages()) for e in examples]
             best = best_of_n(engine, prompts, 4, scorer, params)
             out["tasks"][name]["best_of"] = sum(task.check(e, b.completion.text) for e, b in zip(examples, best)) / n
+
+
+def _alignment(model, tok, root: Path, n: int, seed: int) -> dict:
+    """Mean policy entropy and KL to the SFT model (sequence log-ratio on one T=1 sample per prompt) over a
+    few held-out prompts of every task: how far each stage moved from SFT, and how peaked it became."""
+    from ..train.checkpoint import load_model
+    from ..train.rl import evaluate_policy, task_examples
+
+    sft = root / "sft"
+    ref = load_model(sft)[0] if _finished(sft) else None
+    r = evaluate_policy(model, tok, task_examples("all", "test", max(7, n // 3) * 7, seed + 11), ref,
+                        max_new_tokens=64, seed=seed)
+    return {"entropy": r["entropy"], "kl_to_sft": r.get("kl_to_ref"), "n_prompts": max(7, n // 3) * 7}
 
 
 def _retrieval(model, tok, n: int, seed: int) -> dict:

@@ -32,14 +32,15 @@ from pathlib import Path
 
 from ..errors import DataError
 
-RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "dpo")
-POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "dpo")       # the models evaluated on tasks
-PIPELINE_ORDER = ("tokenizer", "base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "eval", "report")
+RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "dpo", "distill")
+POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "dpo", "distill")       # the models evaluated on tasks
+PIPELINE_ORDER = ("tokenizer", "base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "distill", "eval",
+                  "report")
 LABELS = {"tokenizer": "Tokenizer", "base": "Base (pretrain)", "sft": "SFT", "sft_lora": "SFT · LoRA",
           "prefs": "Preference pairs", "rm": "Reward model", "grpo": "GRPO", "ppo": "PPO", "dpo": "DPO",
-          "eval": "Evaluation", "report": "Report"}
+          "distill": "Distilled (LoRA ← SFT)", "eval": "Evaluation", "report": "Report"}
 COLORS = {"base": "#6b7280", "sft": "#2563eb", "sft_lora": "#0891b2", "rm": "#dc2626", "grpo": "#16a34a",
-          "ppo": "#d97706", "dpo": "#9333ea"}
+          "ppo": "#d97706", "dpo": "#9333ea", "distill": "#db2777"}
 EXTRA_COLORS = ("#db2777", "#65a30d", "#0f766e", "#7c3aed", "#b45309")
 DECODING = (("greedy", "greedy"), ("sample", "sample (T=1)"), ("vote", "self-consistency vote"),
             ("best_of", "best-of-n (RM)"))
@@ -581,6 +582,21 @@ def table_json(data):
     return (["stage", "constrained decoding", "unconstrained"], rows) if rows else None
 
 
+def table_alignment(data):
+    """The alignment table: each chat stage's held-out accuracy (mean over tasks, greedy and sampled), KL to
+    the SFT model and mean policy entropy on its own samples."""
+    rows = []
+    for s, e in data["evals"].items():
+        a = e.get("alignment")
+        if not isinstance(a, dict):
+            continue
+        g, smp = _mean_acc(e, "greedy"), _mean_acc(e, "sample")
+        rows.append([label(s), (pct(g), g), (pct(smp), smp), (fmt(a.get("kl_to_sft")), None),
+                     (fmt(a.get("entropy")), None)])
+    head = ["stage", "accuracy (greedy)", "accuracy (sampled)", "KL to SFT (nats/reply)", "policy entropy (nats/token)"]
+    return (head, rows) if rows else None
+
+
 def table_retrieval(data):
     rows = [[label(s), (pct(r.get("accuracy_without")), _num(r.get("accuracy_without"))),
              (pct(r.get("accuracy_with_retrieval")), _num(r.get("accuracy_with_retrieval"))),
@@ -853,6 +869,8 @@ def render_html(data: dict, plots: dict[str, bytes | None], samples_per_stage: i
         else _empty("No diversity measurements (\"diversity\" in eval/*.json).")))
 
     align = ""
+    if t := table_alignment(data):
+        align += "<h3>SFT → RL → DPO → distilled: accuracy, distance from SFT, entropy</h3>" + _html_table(t)
     if t := table_rm(data):
         align += "<h3>Reward model</h3>" + _html_table(t) + _img(plots.get("rm"), "reward model curves")
     if plots.get("rl"):
@@ -918,7 +936,8 @@ def render_markdown(data: dict, plot_files: dict[str, str], samples_per_stage: i
             out.append(f"\n### {title}\n\n" + _md_table(t))
     out.append("\n## Model collapse\n\n" + _md_table(table_collapse(data), "no diversity measurements")
                + img("collapse", "diversity vs quality"))
-    out.append("\n## Reward model & RL\n\n" + _md_table(table_rm(data), "no reward model run") + img("rm", "reward model")
+    out.append("\n## Reward model & RL\n\n" + (_md_table(table_alignment(data)) + "\n" if table_alignment(data) else "")
+               + _md_table(table_rm(data), "no reward model run") + img("rm", "reward model")
                + img("rl", "RL curves") + img("dpo", "DPO curves"))
     groups = sample_groups(data, samples_per_stage)
     if groups:
