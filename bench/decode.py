@@ -1,18 +1,26 @@
 """Decode speed: our Engine vs Hugging Face `LlamaForCausalLM.generate` on identical weights, same process.
 
     .venv/bin/python bench/decode.py [--run runs/base] [--new 128] [--prompt-len 32] [--batches 1,8]
+    .venv/bin/python bench/decode.py --real runs/tiny/sft [--n-prompts 24]
 
-Both run greedy for exactly --new tokens (no stop tokens) from the same prompts. The GPT gets the dims of
---run (or of the tiny preset) with qk_norm off, since Llama has none; its weights are random (N(0, 0.02))
-and copied 1:1 into a LlamaConfig model, and the first step's logits are checked to agree before timing.
-Prints tokens/s of each and the ratio ours / HF.
+Random mode: both run greedy for exactly --new tokens (no stop tokens) from the same random prompts. The GPT
+gets the dims of --run (or of the tiny preset) with qk_norm off, since Llama has none; its weights are
+random (N(0, 0.02)) and copied 1:1 into a LlamaConfig model, and the first step's logits are checked to
+agree before timing.
+
+Real mode (--real RUN): the trained chat model of RUN, one task prompt at a time (batch 1, the chat case)
+from every task's test split, greedy until <|assistant_end|> or 64 tokens, against HF `generate` on the same
+weights (a Qwen3 layout when the model has QK-norm: same RMSNorm on each head before RoPE). Greedy outputs
+are compared token for token.
+
+Our engine's greedy batch-1 path verifies prompt-lookup drafts (--speculate K tokens, the engine's default;
+0 turns it off), so each row is timed with and without it. Prints tokens/s and the ratio ours / HF.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,22 +34,28 @@ from gptstack.infer.sampling import SamplingParams  # noqa: E402
 from gptstack.model.gpt import GPT, GPTConfig  # noqa: E402
 
 
-def make_models(cfg: GPTConfig, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_models(cfg: GPTConfig, seed: int = 0, ours: GPT | None = None):
+    """Our GPT (random N(0, 0.02) weights unless given) and an HF model with the same weights: Llama, or Qwen3
+    when the GPT has QK-norm."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(seed)
-    ours = GPT(cfg)
-    with torch.no_grad():
-        for p in ours.parameters():
-            if p.dim() == 2:
-                p.normal_(0, 0.02)
+    if ours is None:
+        torch.manual_seed(seed)
+        ours = GPT(cfg)
+        with torch.no_grad():
+            for p in ours.parameters():
+                if p.dim() == 2:
+                    p.normal_(0, 0.02)
     ours.eval()
-    hcfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
-                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                       num_key_value_heads=cfg.n_kv_head, max_position_embeddings=4 * cfg.seq_len,
-                       rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                       tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False)
-    hf = LlamaForCausalLM(hcfg).eval()
+    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
+                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                  num_key_value_heads=cfg.n_kv_head, max_position_embeddings=4 * cfg.seq_len,
+                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False)
+    if cfg.qk_norm:
+        hf = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.head_dim, use_sliding_window=False, **common)).eval()
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(mlp_bias=False, **common)).eval()
     state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
              for k, v in ours.state_dict().items() if not k.startswith("rope_")}
     missing, unexpected = hf.load_state_dict(state, strict=False)
@@ -63,22 +77,18 @@ class _Tok:
         return self.decode(ids).encode()
 
 
-def bench(cfg, batch: int, new: int, prompt_len: int, repeats: int, tokenizer=None) -> dict:
+def bench(cfg, batch: int, new: int, prompt_len: int, repeats: int, speculate: int) -> list[dict]:
+    """Random weights, random prompts, exactly `new` greedy tokens per row."""
     ours, hf = make_models(cfg)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size - 20, (batch, prompt_len), generator=g)
-    with torch.no_grad():
-        a = ours(prompts)[:, -1]
-        b = hf(prompts).logits[:, -1]
-    assert torch.allclose(a, b, atol=1e-4), f"weights did not copy: max diff {(a - b).abs().max()}"
-
-    engine = Engine(ours, tokenizer or _Tok(cfg.vocab_size))
+    _check_same_logits(ours, hf, prompts)
+    engine = Engine(ours, _Tok(cfg.vocab_size))
     params = SamplingParams(temperature=0, max_tokens=new, stop_token_ids=[])
     plist = prompts.tolist()
 
     def run_ours():
-        out = engine.generate(plist, params)
-        return [c[0].tokens for c in out]
+        return [c[0].tokens for c in engine.generate(plist, params)]
 
     def run_hf():
         with torch.no_grad():
@@ -86,43 +96,109 @@ def bench(cfg, batch: int, new: int, prompt_len: int, repeats: int, tokenizer=No
                               min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
         return out[:, prompt_len:].tolist()
 
-    t_ours, t_hf = [], []
-    same = None
-    for i in range(repeats + 1):  # the first round warms up both
+    rows = []
+    for spec in sorted({speculate, 0}, reverse=True):
+        engine.speculate = spec
+        rows.append({"what": f"random batch {batch}", "speculate": spec, "tokens": batch * new,
+                     **_time_pair(run_ours, run_hf, repeats, engine)})
+    return rows
+
+
+def bench_real(run: str, n_prompts: int, repeats: int, speculate: int, max_new: int = 64) -> list[dict]:
+    """The trained chat model of `run` on task prompts, one at a time."""
+    from gptstack.data.tasks import generate_mixture
+    from gptstack.train.checkpoint import load_model
+
+    model, tok, _ = load_model(run)
+    ours, hf = make_models(model.config, ours=model)
+    examples = generate_mixture("all", "test", max(1, n_prompts // 7), seed=3)
+    prompts = [tok.render_prompt(e.prompt_messages()) for e in examples]
+    _check_same_logits(ours, hf, torch.tensor([prompts[0]]))
+    engine = Engine(ours, tok)
+    params = SamplingParams(temperature=0, max_tokens=max_new, stop_token_ids=[tok.assistant_end_id])
+    end = tok.assistant_end_id
+
+    def run_ours():
+        return [engine.generate([p], params)[0][0].tokens for p in prompts]
+
+    def run_hf():
+        outs = []
+        with torch.no_grad():
+            for p in prompts:
+                x = torch.tensor([p])
+                o = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new, do_sample=False,
+                                eos_token_id=end, pad_token_id=0)[0, len(p):].tolist()
+                outs.append(o[:-1] if o and o[-1] == end else o)
+        return outs
+
+    rows = []
+    tokens = None
+    for spec in sorted({speculate, 0}, reverse=True):
+        engine.speculate = spec
+        if tokens is None:
+            tokens = sum(len(t) for t in run_ours())
+        rows.append({"what": f"{Path(run).name} task prompts", "speculate": spec, "tokens": tokens,
+                     **_time_pair(run_ours, run_hf, repeats, engine)})
+    return rows
+
+
+def _check_same_logits(ours, hf, prompts) -> None:
+    with torch.no_grad():
+        a = ours(prompts)[:, -1]
+        b = hf(prompts).logits[:, -1]
+    assert torch.allclose(a, b, atol=1e-4), f"weights did not copy: max diff {(a - b).abs().max()}"
+
+
+def _time_pair(run_ours, run_hf, repeats: int, engine) -> dict:
+    """Best-of-`repeats` seconds of each after a warm-up round, whether the outputs agree, draft acceptance."""
+    t_ours, t_hf, same = [], [], None
+    for i in range(repeats + 1):
+        engine.spec_stats = {"forwards": 0, "drafted": 0, "accepted": 0}
         t0 = time.perf_counter(); o = run_ours(); t1 = time.perf_counter()
         h = run_hf(); t2 = time.perf_counter()
         if i:
             t_ours.append(t1 - t0); t_hf.append(t2 - t1)
-        same = sum(x == y for x, y in zip(o, h)) if same is None else same
-    best_ours, best_hf = min(t_ours), min(t_hf)
-    return {"batch": batch, "new_tokens": new, "prompt_len": prompt_len,
-            "ours_tok_s": batch * new / best_ours, "hf_tok_s": batch * new / best_hf,
-            "ratio": best_hf / best_ours, "rows_identical": f"{same}/{batch}"}
+        same = (sum(x == y for x, y in zip(o, h)), len(o)) if same is None else same
+    st = engine.spec_stats
+    return {"ours_s": min(t_ours), "hf_s": min(t_hf), "identical": f"{same[0]}/{same[1]}",
+            "accepted": st["accepted"] / st["drafted"] if st["drafted"] else None,
+            "tokens_per_pass": (st["forwards"] + st["accepted"]) / st["forwards"] if st["forwards"] else None}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--run", default="runs/base", help="take model dims from this run (else the tiny preset)")
+    ap.add_argument("--real", default="", help="time this trained chat run on task prompts instead")
+    ap.add_argument("--n-prompts", type=int, default=21)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--speculate", type=int, default=4, help="prompt-lookup draft tokens (0: off)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg_path = Path(args.run) / "config.json"
-    if cfg_path.exists():
-        cfg = GPTConfig.from_dict(json.loads(cfg_path.read_text())["model"])
+    print(f"threads: {torch.get_num_threads()}  torch {torch.__version__}")
+    if args.real:
+        rows = bench_real(args.real, args.n_prompts, args.repeats, args.speculate)
     else:
-        from gptstack.config import model_config_from_depth
-        cfg = model_config_from_depth(4, 8192, 256)
-    cfg.qk_norm = False
-    print(f"model: {cfg}  threads: {torch.get_num_threads()}  torch {torch.__version__}")
-    for b in (int(x) for x in args.batches.split(",")):
-        r = bench(cfg, b, args.new, args.prompt_len, args.repeats)
-        print(f"batch {b:2d}: ours {r['ours_tok_s']:8.1f} tok/s   HF generate {r['hf_tok_s']:8.1f} tok/s   "
-              f"ratio {r['ratio']:.2f}x   (greedy rows identical: {r['rows_identical']})", flush=True)
+        cfg_path = Path(args.run) / "config.json"
+        if cfg_path.exists():
+            cfg = GPTConfig.from_dict(json.loads(cfg_path.read_text())["model"])
+        else:
+            from gptstack.config import model_config_from_depth
+            cfg = model_config_from_depth(4, 8192, 256)
+        cfg.qk_norm = False
+        print(f"model: {cfg}")
+        rows = [r for b in (int(x) for x in args.batches.split(",")) for r in
+                bench(cfg, b, args.new, args.prompt_len, args.repeats, args.speculate)]
+    for r in rows:
+        extra = (f"   drafts accepted {r['accepted']:.0%}, {r['tokens_per_pass']:.2f} tokens/pass"
+                 if r["accepted"] is not None else "")
+        print(f"{r['what']:<28} speculate {r['speculate']}: ours {r['tokens'] / r['ours_s']:8.1f} tok/s   "
+              f"HF generate {r['tokens'] / r['hf_s']:8.1f} tok/s   ratio {r['hf_s'] / r['ours_s']:.2f}x   "
+              f"(greedy outputs identical: {r['identical']}){extra}", flush=True)
 
 
 if __name__ == "__main__":

@@ -246,3 +246,40 @@ def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
     assert {c.text.startswith("{\"ruler\": \"Rome") for o in out for c in o} == {True, False}, [c.text for o in out for c in o]
     assert all(len(c.tokens) <= 70 for o in out for c in o)
     assert any(c.finish_reason == "length" for o in out for c in o)
+
+
+def test_prompt_lookup_drafts():
+    from gptstack.infer.engine import _prompt_lookup
+
+    assert _prompt_lookup([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]      # after the last earlier "5 6 7"
+    assert _prompt_lookup([1, 2, 3, 1, 2], 2) == [3, 1]
+    assert _prompt_lookup([1, 2, 3, 4], 4) == []                        # the last token never occurred before
+    assert _prompt_lookup([4, 1, 2, 4], 5) == [1, 2, 4]                 # cut at the end of the history
+    assert _prompt_lookup([1, 2, 1], 0) == []
+
+
+def test_speculative_greedy_equals_plain_greedy(engine, tiny_tokenizer):
+    """Prompt-lookup speculation only changes how many forward passes greedy decoding takes, never what it
+    outputs: same tokens, finish reasons and text as one token per pass, with drafts actually accepted."""
+    tok = tiny_tokenizer
+    prompts = prompts_of(tok, ["The king the king the king the king the king", "Sweet lady, sweet lady, sweet",
+                               "Good night"])
+    cases = [SamplingParams(max_tokens=40, **GREEDY), SamplingParams(max_tokens=25, temperature=0.0),
+             SamplingParams(max_tokens=30, temperature=0.0, stop=["king", "e"])]
+    try:
+        for params in cases:
+            for p in prompts:
+                engine.speculate = 0
+                plain = engine.generate([p], params)[0][0]
+                engine.speculate = 4
+                engine.spec_stats = {"forwards": 0, "drafted": 0, "accepted": 0}
+                fast = engine.generate([p], params)[0][0]
+                assert (fast.tokens, fast.finish_reason, fast.text) == (plain.tokens, plain.finish_reason, plain.text)
+                streamed = "".join(engine.stream(p, params))
+                assert streamed == plain.text
+        engine.spec_stats = {"forwards": 0, "drafted": 0, "accepted": 0}
+        out = engine.generate([prompts[0]], SamplingParams(max_tokens=60, **GREEDY))[0][0]
+        st = engine.spec_stats
+        assert len(out.tokens) == 60 and st["accepted"] > 0 and st["forwards"] < 60
+    finally:
+        engine.speculate = 4
