@@ -254,7 +254,8 @@ def test_prompt_lookup_drafts():
     assert _prompt_lookup([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]      # after the last earlier "5 6 7"
     assert _prompt_lookup([1, 2, 3, 1, 2], 2) == [3, 1]
     assert _prompt_lookup([1, 2, 3, 4], 4) == []                        # the last token never occurred before
-    assert _prompt_lookup([4, 1, 2, 4], 5) == [1, 2, 4]                 # cut at the end of the history
+    assert _prompt_lookup([4, 1, 2, 4], 5) == []                        # one token in common is too weak a hint
+    assert _prompt_lookup([4, 1, 2, 4], 5, min_ngram=1) == [1, 2, 4]    # cut at the end of the history
     assert _prompt_lookup([1, 2, 1], 0) == []
 
 

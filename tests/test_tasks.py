@@ -159,6 +159,11 @@ def test_spelling_counts_and_spells_real_words():
             assert int(e.answer) == e.meta["word"].count(letter)
             assert e.reference().startswith(",".join(e.meta["word"]) + "\n")
     assert m.extract("Answer: g, e, n") == "g,e,n"
+    # no constant answer is right on most counting questions
+    from collections import Counter
+
+    answers = Counter(min(int(e.answer), 2) for e in m.generate("test", 300, seed=1) if e.meta["kind"] == "count")
+    assert set(answers) == {0, 1, 2} and max(answers.values()) < 0.45 * sum(answers.values())
 
 
 def test_extraction_answers_validate_against_schema():

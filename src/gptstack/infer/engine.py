@@ -487,7 +487,7 @@ class Session:
         self.truncate(0)
 
 
-def _prompt_lookup(history: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:
+def _prompt_lookup(history: list[int], k: int, max_ngram: int = 3, min_ngram: int = 2) -> list[int]:
     """Up to k tokens that followed the latest earlier occurrence of the sequence's last n tokens (n from
     max_ngram down to min_ngram), or [] — the draft of prompt-lookup decoding. Replies that copy from their
     prompt (names, JSON keys, quoted lines) or repeat themselves get long drafts accepted."""

@@ -37,18 +37,36 @@ def spell(word: str) -> str:
     return ",".join(word)
 
 
+COUNTS = (0, 1, 2)   # answers of counting questions, drawn uniformly ("2" covers the rare 3s and 4s too)
+
+
+def _count_question(rng, vocab) -> tuple[str, str, int]:
+    """(word, letter, count) with the count class drawn first, so no single answer covers most questions
+    (drawing letters from the word instead makes about two answers in three "1", and a model that always
+    says 1 would look half-competent)."""
+    target = rng.choice(COUNTS)
+    while True:
+        word = vocab[rng.randrange(len(vocab))]
+        if target == 0:
+            letters = [c for c in ALPHABET if c not in word]
+        else:
+            letters = sorted({c for c in word if (word.count(c) >= 2 if target == 2 else word.count(c) == 1)})
+        if letters:
+            letter = rng.choice(letters)
+            return word, letter, word.count(letter)
+
+
 def _draw(rng) -> Example:
     vocab = words()
-    word = vocab[rng.randrange(len(vocab))]
     if rng.random() < 0.3:
+        word = vocab[rng.randrange(len(vocab))]
         question = f"Spell the word '{word}' letter by letter."
         answer, reply = spell(word), f"Answer: {spell(word)}"
         kind = "spell"
     else:
-        # mostly letters in the word, sometimes absent ones, so "0" is a possible answer too
-        letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(ALPHABET)
+        word, letter, count = _count_question(rng, vocab)
         question = f"How many times does the letter '{letter}' appear in '{word}'?"
-        answer = str(word.count(letter))
+        answer = str(count)
         reply = f"{spell(word)}\nAnswer: {answer}"
         kind = "count"
     messages = [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
