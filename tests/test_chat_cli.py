@@ -58,11 +58,22 @@ def test_generate_json_schema_output_validates(run_dir, tmp_path):
         jsonschema.validate(json.loads(c["text"]), schema)
 
 
+def test_generate_speculation_is_exact(run_dir):
+    """--speculate K drafts by prompt lookup and verifies: the greedy text is the same as without it."""
+    args = ("generate", run_dir, "--prompt", "the king the king the king the king", "--max-tokens", "40",
+            "--temperature", "0", "--json")
+    plain = gptstack(*args)
+    fast = gptstack(*args, "--speculate", "4")
+    assert plain.returncode == 0 and fast.returncode == 0, fast.stderr
+    assert json.loads(plain.stdout)["completions"] == json.loads(fast.stdout)["completions"]
+
+
 @pytest.mark.parametrize("args,needle", [
     (["generate", "{run}", "--prompt", ""], "empty"),
     (["generate", "{run}", "--prompt", "the king " * 80], "context"),
     (["generate", "{run}", "--prompt", "x", "--stop", ""], "stop sequences"),
     (["generate", "{run}", "--prompt", "x", "--n", "0"], "at least 1"),
+    (["generate", "{run}", "--prompt", "x", "--speculate", "-1"], "speculate"),
     (["generate", "{run}", "--prompt", "x", "--best-of", "0", "--reward", "rm:{run}"], "at least 1"),
     (["generate", "{run}", "--prompt", "x", "--best-of", "2", "--reward", "rm:/nonexistent/rm"], "does not exist"),
     (["generate", "{run}", "--prompt", "x", "--json-schema", "{bad_schema}"], "JSON schema"),

@@ -283,4 +283,4 @@ def test_speculative_greedy_equals_plain_greedy(engine, tiny_tokenizer):
         st = engine.spec_stats
         assert len(out.tokens) == 60 and st["accepted"] > 0 and st["forwards"] < 60
     finally:
-        engine.speculate = 4
+        engine.speculate = 0

@@ -14,7 +14,7 @@ import os
 import sys
 import typing
 
-from .errors import GptstackError
+from .errors import ConfigError, GptstackError
 
 # ---- dataclass <-> flags ---------------------------------------------------------------------------------
 
@@ -404,7 +404,12 @@ def _load_engine(args):
     from .model.quant import load_quantized
 
     model, tok, _ = load_quantized(args.run, resolve_device(args.device), getattr(args, "quantize", None))
-    return Engine(model, tok), tok
+    engine = Engine(model, tok)
+    speculate = getattr(args, "speculate", 0) or 0
+    if speculate < 0:
+        raise ConfigError(f"--speculate must be 0 (off) or a number of draft tokens, got {speculate}")
+    engine.speculate = speculate
+    return engine, tok
 
 
 def _infer_hooks(args, engine) -> list:
@@ -435,6 +440,9 @@ def _add_infer_flags(p) -> None:
     add_sampling_flags(p)
     g = p.add_argument_group("inference")
     g.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
+    g.add_argument("--speculate", type=int, default=0, metavar="K",
+                   help="greedy, one sequence: verify up to K prompt-lookup draft tokens per pass (exact; pays off "
+                        "on text that repeats or copies its prompt)")
     g.add_argument("--retrieve", metavar="INDEX", default=None, help="retrieve passages from this index into the prompt")
     g.add_argument("--top-k-passages", "--passages", dest="passages", type=int, default=3, metavar="K",
                    help="passages to retrieve (with --retrieve)")
@@ -602,7 +610,7 @@ def cmd_generate(args) -> None:
         hooks.append(GrammarHook(tok, grammar, engine.config.vocab_size))
     results = {"prompt": args.prompt}
     if reward_dir is not None:
-        from .infer.ensemble import best_of_n, reward_model_scorer
+        from .infer.ensemble import reward_model_scorer
 
         scorer = reward_model_scorer(reward_dir, engine.device)
         samples = engine.generate([ids], params, hooks=hooks)[0]
