@@ -38,7 +38,7 @@ def main(argv=None):
 
     docs = load_corpus("shakespeare")
     text = docs[-1].text[-args.chars:]
-    print(f"| mode | weight MB | decode tok/s (batch 1) | bpb | Δbpb vs fp32 |\n|---|---|---|---|---|")
+    print("| mode | weight MB | decode tok/s (batch 1) | bpb | Δbpb vs fp32 |\n|---|---|---|---|---|")
     ref = None
     for mode in args.modes.split(","):
         model, tok, _ = load_model(args.run)

@@ -231,7 +231,6 @@ def main() -> None:
     ap.add_argument("--only", choices=["grpo", "dpo", "all"], default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    import copy
 
     from gptstack.data.preference import save_preferences
     from gptstack.data.tasks import generate_mixture

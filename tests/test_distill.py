@@ -36,7 +36,6 @@ def test_offline_and_onpolicy(runs, tmp_path):
 
 
 def test_onpolicy_kl_to_itself_is_zero(runs):
-    from gptstack.model.heads import response_logprobs
     from gptstack.train.checkpoint import load_model
     from gptstack.train.distill import onpolicy_loss
 

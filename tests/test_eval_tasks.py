@@ -1,7 +1,6 @@
 """Task evaluation: structure, determinism, the checker plumbing, the mode extension point, tables."""
 
 import pytest
-import torch
 
 from gptstack.errors import ConfigError
 from gptstack.eval import tasks as ev

@@ -1,6 +1,6 @@
 import torch
 
-from gptstack.model.gpt import GPT, GPTConfig, KVCache
+from gptstack.model.gpt import GPT, KVCache
 
 
 def _model(cfg, seed=0):
