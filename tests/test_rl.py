@@ -80,6 +80,9 @@ def test_one_step_changes_every_trainable_parameter(run, tmp_path, algo):
     assert [r["step"] for r in evals] == [0, 1]
     if algo == "grpo":
         assert "zero_var_groups" in train_records[-1]
+    # on a task mixture the rollout's accuracy is also logged per task
+    logged = {k for r in train_records for k in r if k.startswith("task_accuracy_")}
+    assert logged and logged <= {"task_accuracy_arithmetic_direct", "task_accuracy_spelling"}
     # the run directory is an ordinary LM run
     from gptstack.train.checkpoint import load_model
     loaded, _, cfg = load_model(tmp_path / algo)

@@ -278,13 +278,19 @@ class RolloutBatches:
         flat = [c for group in results for c in group]
         scores = torch.tensor(self.reward_fn(flat_ex, flat_prompts, flat), dtype=torch.float32)
         from ..data.tasks import check_example
-        task_acc = float(np.mean([check_example(ex, c.text) for ex, c in zip(flat_ex, flat)]))
+        checks = [check_example(ex, c.text) for ex, c in zip(flat_ex, flat)]
+        task_acc = float(np.mean(checks))
+        per_task: dict[str, list[float]] = {}   # on a task mixture, which task the rollout's successes come from
+        for ex, v in zip(flat_ex, checks):
+            per_task.setdefault(ex.task, []).append(v)
         ids, mask = build_sequences(flat_prompts, flat, self.tok.assistant_end_id, self.device)
         T = cfg.temperature
         need_ref = cfg.kl_coef > 0 or cfg.algo == "ppo"
         ref_logp = reference_logprobs(self.ref, self.policy, ids, mask, T) if need_ref else torch.zeros_like(mask)
         batch = {"input_ids": ids, "resp_mask": mask, "ref_logp": ref_logp}
         stats = {"reward": float(scores.mean()), "task_accuracy": task_acc,
+                 **({f"task_accuracy_{t}": float(np.mean(v)) for t, v in per_task.items()}
+                    if "," in cfg.tasks or cfg.tasks == "all" else {}),
                  "response_tokens": float(mask.sum(1).mean()), "sample_seconds": t_sample,
                  **getattr(self.reward_fn, "last", {})}
         multi = cfg.update_epochs * cfg.minibatches > 1
@@ -346,7 +352,8 @@ STAT_KEYS = ("reward", "task_accuracy", "response_tokens", "zero_var_groups", "r
 
 
 def _stats(batch: dict) -> dict:
-    return {k: float(v) for k, v in batch.items() if (k in STAT_KEYS or k.startswith("reward_")) and not torch.is_tensor(v)}
+    return {k: float(v) for k, v in batch.items()
+            if (k in STAT_KEYS or k.startswith(("reward_", "task_accuracy_"))) and not torch.is_tensor(v)}
 
 
 def grpo_loss(model, batch: dict, cfg: RLConfig):
