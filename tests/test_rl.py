@@ -209,3 +209,17 @@ def test_semantic_and_task_rewards_end_to_end(run, tmp_path):
 
     result = train_rl(run, rl_cfg(tmp_path / "sem", reward="task=0.5,semantic", kl_coef=0.0))
     assert result.steps == 1 and "reward_semantic" in result.last and -1 <= result.last["reward_semantic"] <= 1
+
+
+def test_task_examples_follow_weights_and_per_task_counts():
+    """Training prompt pools follow the spec's mixture weights; held-out sets take n of every task, also
+    for 'all' (where the spec names no task)."""
+    from collections import Counter
+
+    from gptstack.data.tasks import list_tasks
+    from gptstack.train.rl import task_examples
+
+    pool = Counter(e.task for e in task_examples("spelling:3,greetings", "train", 80, seed=0))
+    assert pool == {"spelling": 60, "greetings": 20}
+    held = Counter(e.task for e in task_examples("all", "test", 5, seed=0, per_task=True))
+    assert held == {t: 5 for t in list_tasks()}

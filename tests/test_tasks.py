@@ -255,7 +255,8 @@ def test_mixture_weights_scale_counts_and_spread_through_the_data():
     assert set(parse_task_weights("spelling:2,all")) == set(list_tasks())
     assert parse_task_weights("spelling:2,all")["spelling"] == 2.0
     assert parse_task_list("spelling:2,greetings") == ["spelling", "greetings"]
-    for bad in ("spelling:x", "spelling:0", "spelling:-1", "nosuchtask:2"):
+    for bad in ("spelling:x", "spelling:0", "spelling:-1", "nosuchtask:2", "spelling:inf", "spelling:nan",
+                "spelling:1e9"):
         with pytest.raises(DataError):
             parse_task_weights(bad)
     mix = generate_mixture("spelling:3,greetings", "train", 20, seed=0)

@@ -338,8 +338,7 @@ def cmd_align_eval(args) -> None:
 
     device = resolve_device(args.device)
     ref = load_model(args.ref, device)[0] if args.ref else None
-    n_tasks = len(args.tasks.split(","))
-    examples = task_examples(args.tasks, "test", args.n * n_tasks, args.seed)
+    examples = task_examples(args.tasks, "test", args.n, args.seed, per_task=True)
     rows = {}
     for run in args.runs:
         model, tok, _ = load_model(run, device)

@@ -123,9 +123,9 @@ def _alignment(model, tok, root: Path, n: int, seed: int) -> dict:
 
     sft = root / "sft"
     ref = load_model(sft)[0] if _finished(sft) else None
-    r = evaluate_policy(model, tok, task_examples("all", "test", max(7, n // 3) * 7, seed + 11), ref,
+    r = evaluate_policy(model, tok, task_examples("all", "test", max(1, n // 3), seed + 11, per_task=True), ref,
                         max_new_tokens=64, seed=seed)
-    return {"entropy": r["entropy"], "kl_to_sft": r.get("kl_to_ref"), "n_prompts": max(7, n // 3) * 7}
+    return {"entropy": r["entropy"], "kl_to_sft": r.get("kl_to_ref"), "n_prompts": max(1, n // 3) * 7}
 
 
 def _retrieval(model, tok, n: int, seed: int) -> dict:

@@ -171,7 +171,7 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
     teacher, t_tok = _load_teacher(cfg.teacher, device)
     student, tok, _ = load_trainable_policy(student_run, cfg.lora_rank, cfg.lora_alpha, device)
     train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
-    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples, cfg.seed, per_task=True)
     extra = {"teacher_run": str(cfg.teacher), "mode": cfg.mode}
     if cfg.mode == "offline":
         t0 = time.time()
@@ -215,7 +215,7 @@ def compare_distillation(student_run, cfg: DistillConfig) -> dict:
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples, cfg.seed, per_task=True)
     student, tok, _ = load_model(student_run, device)
     report = {"student": evaluate_policy(student, tok, eval_ex, None, cfg.max_new_tokens, cfg.seed)}
     report["teacher"] = evaluate_policy(load_model(cfg.teacher, device)[0], tok, eval_ex, student,

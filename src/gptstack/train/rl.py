@@ -422,11 +422,15 @@ def evaluate_policy(model, tok, examples, ref=None, max_new_tokens: int = 64, se
     return out
 
 
-def task_examples(tasks: str, split: str, n_total: int, seed: int):
-    from ..data.tasks import generate_mixture, parse_task_list
+def task_examples(tasks: str, split: str, n: int, seed: int, per_task: bool = False):
+    """Task prompts: about n in all, in the proportions of the spec's mixture weights ('facts:2,spelling'),
+    or with per_task n of every named task (held-out sets, where weights do not matter)."""
+    from ..data.tasks import generate_mixture, parse_task_weights
 
-    names = parse_task_list(tasks)
-    return generate_mixture(names, split, max(1, math.ceil(n_total / len(names))), seed)
+    weights = parse_task_weights(tasks)
+    if per_task:
+        return generate_mixture(list(weights), split, n, seed)
+    return generate_mixture(tasks, split, max(1, math.ceil(n / sum(weights.values()))), seed)
 
 
 # ---- the stage -----------------------------------------------------------------------------------------
@@ -455,7 +459,7 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
     if reward_fn is None:
         reward_fn = build_reward(cfg.reward, tok, device)
     train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
-    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples * len(cfg.tasks.split(",")), cfg.seed)
+    eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples, cfg.seed, per_task=True)
     torch.manual_seed(cfg.seed)
     kl = KLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
     model = PolicyWithValue(policy).to(device) if cfg.algo == "ppo" else policy

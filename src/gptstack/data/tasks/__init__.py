@@ -79,6 +79,9 @@ def get_task(name: str) -> ModuleType:
         raise DataError(f"unknown task '{name}'; known tasks: {', '.join(TASKS)}") from None
 
 
+MAX_WEIGHT = 100.0   # a weight multiplies examples generated: beyond this, a typo rather than a mixture
+
+
 def parse_task_weights(spec: str) -> dict[str, float]:
     """'all' or a comma-separated list of task names, each optionally with a mixture weight ('name:3'); 'all'
     inside a list adds every task not named (weight 1) -> {name: weight}, in order, without repeats."""
@@ -99,8 +102,8 @@ def parse_task_weights(spec: str) -> dict[str, float]:
             weight = float(w) if w.strip() else 1.0
         except ValueError:
             raise DataError(f"bad mixture weight in '{item}': use name:NUMBER, e.g. arithmetic_cot:3") from None
-        if not weight > 0:
-            raise DataError(f"mixture weight of '{name}' must be positive, got {w}")
+        if not 0 < weight <= MAX_WEIGHT:   # also rejects nan and inf
+            raise DataError(f"mixture weight of '{name}' must be in (0, {MAX_WEIGHT}], got {w}")
         weights.setdefault(name, weight)
     if expand_all:
         for name in list_tasks():
