@@ -440,8 +440,8 @@ def _add_infer_flags(p) -> None:
     g = p.add_argument_group("inference")
     g.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
     g.add_argument("--speculate", type=int, default=0, metavar="K",
-                   help="greedy, one sequence: verify up to K prompt-lookup draft tokens per pass (exact; pays off "
-                        "on text that repeats or copies its prompt)")
+                   help="greedy, one sequence: verify up to K prompt-lookup draft tokens per pass (same output "
+                        "as plain greedy; pays off on text that repeats or copies its prompt)")
     g.add_argument("--retrieve", metavar="INDEX", default=None, help="retrieve passages from this index into the prompt")
     g.add_argument("--top-k-passages", "--passages", dest="passages", type=int, default=3, metavar="K",
                    help="passages to retrieve (with --retrieve)")

@@ -328,7 +328,9 @@ class Engine:
             c.text = detok[r].text
 
     def _speculative(self, history: list[int], logits, cache, pos: int, max_new: int, take) -> Iterator[Event]:
-        """Greedy decoding of one sequence with prompt-lookup drafts (exact: the output is the greedy output).
+        """Greedy decoding of one sequence with prompt-lookup drafts. The output is plain greedy decoding's
+        (a draft token is kept only where it is the model's argmax; a chunked forward pass rounds differently
+        from a one-token pass, so only a near-tie, equal to float rounding, could go the other way).
 
         Each step feeds the pending token plus up to `speculate` drafted tokens in one forward pass; the draft
         is kept up to its first disagreement with the model's own argmax, and the argmax at that point is the
