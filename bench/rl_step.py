@@ -106,6 +106,9 @@ def random_reward(seed=0):
     return lambda n: [rng.random() for _ in range(n)]
 
 
+DTYPE = ["fp32"]   # both sides: fp32, or bf16 autocast with --bf16 (our "auto" picks bf16 on CPUs with native bf16)
+
+
 def median_step(times: list[float]) -> float:
     return statistics.median(times[1:]) if len(times) > 1 else times[0]
 
@@ -119,7 +122,7 @@ def ours_grpo(run: Path, tmp: Path, steps: int, beta: float) -> tuple[float, dic
     draw = random_reward(1)
     cfg = RLConfig(out=str(tmp / "ours_grpo"), algo="grpo", tasks="arithmetic_direct", n_prompts=8, samples=8,
                    max_new_tokens=64, kl_coef=beta, update_epochs=1, minibatches=1, steps=steps, log_every=1, eval_every=0, progress=False,
-                   lr=1e-6, device="cpu", train_examples=64)
+                   lr=1e-6, device="cpu", dtype=DTYPE[0], train_examples=64)
     setup = prepare_rl(run, cfg, reward_fn=lambda ex, p, comps: draw(len(comps)))
     train(setup.stage, setup.cfg)
     recs = [json.loads(l) for l in (tmp / "ours_grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -163,7 +166,7 @@ def trl_grpo(hf_model, hf_tok, prompts: list[str], tmp: Path, steps: int, beta: 
 
     args = GRPOConfig(model_init_kwargs={"dtype": torch.float32}, output_dir=str(tmp / "trl_grpo"), per_device_train_batch_size=64, num_generations=8,
                       max_completion_length=64, beta=beta, learning_rate=1e-6, max_steps=steps, logging_steps=1,
-                      save_strategy="no", report_to="none", use_cpu=True, bf16=False, disable_tqdm=True,
+                      save_strategy="no", report_to="none", use_cpu=True, bf16=DTYPE[0] == "bf16", disable_tqdm=True,
                       dataloader_num_workers=0, temperature=1.0, top_k=0, seed=0, shuffle_dataset=False)
     ds = Dataset.from_dict({"prompt": prompts * 8})
     timer = StepTimer()
@@ -196,7 +199,7 @@ def ours_dpo(run: Path, prefs: Path, tmp: Path, steps: int) -> float:
     from gptstack.train.loop import train
 
     cfg = DPOConfig(out=str(tmp / "ours_dpo"), prefs=str(prefs), batch_size=8, max_len=128, beta=0.1, steps=steps,
-                    val_frac=0.0, log_every=1, eval_every=10_000, progress=False, lr=1e-6, device="cpu")
+                    val_frac=0.0, log_every=1, eval_every=10_000, progress=False, lr=1e-6, device="cpu", dtype=DTYPE[0])
     stage, cfg, _, _ = prepare_dpo(run, cfg)
     stage.evaluate = None
     train(stage, cfg)
@@ -215,7 +218,7 @@ def trl_dpo(hf_model, hf_tok, tok, pairs, tmp: Path, steps: int) -> float:
             "rejected": [p.rejected + "<|assistant_end|>" for p in pairs]}
     args = DPOConfig(model_init_kwargs={"dtype": torch.float32}, output_dir=str(tmp / "trl_dpo"), per_device_train_batch_size=8, max_length=128, beta=0.1,
                      learning_rate=1e-6, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=True, bf16=False, disable_tqdm=True, dataloader_num_workers=0, seed=0)
+                     use_cpu=True, bf16=DTYPE[0] == "bf16", disable_tqdm=True, dataloader_num_workers=0, seed=0)
     timer = StepTimer()
     trainer = DPOTrainer(model=hf_model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=hf_tok,
                          callbacks=[timer])
@@ -228,9 +231,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="steps per side (the first is a warm-up)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient on both sides")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast on both sides (default: fp32 on both)")
     ap.add_argument("--only", choices=["grpo", "dpo", "all"], default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    DTYPE[0] = "bf16" if args.bf16 else "fp32"
 
     from gptstack.data.preference import save_preferences
     from gptstack.data.tasks import generate_mixture

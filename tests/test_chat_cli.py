@@ -96,3 +96,15 @@ def test_bad_input_is_one_line_exit_2(run_dir, tmp_path, capsys, args, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_chat_system_prompt_that_overflows_history_drops_turns_or_is_refused(run_dir):
+    # history near the 96-token context, then a system prompt: the oldest turns make room; a system prompt
+    # too long for any reply is refused and the chat goes on
+    lines = ["Hello there my lord", "What news of the king", "/system Be brief and speak of kings and queens.",
+             "/system " + "very long " * 60, "Fair day", "/quit"]
+    r = gptstack("chat", run_dir, "--max-tokens", "40", "--temperature", "0", stdin="\n".join(lines) + "\n")
+    assert r.returncode == 0, r.stderr
+    assert "[system prompt set]" in r.stdout
+    assert "leaves no room for a reply" in r.stdout
+    assert r.stdout.count("\n") >= 5   # the last turn was still answered

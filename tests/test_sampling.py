@@ -96,3 +96,21 @@ def test_filters_keep_at_least_one_token():
     logits = torch.tensor([[0.0, math.log(1e-9)]])
     for p in (SamplingParams(top_p=1e-6), SamplingParams(min_p=0.999), SamplingParams(top_k=1)):
         assert torch.isfinite(filter_logits(logits, p)).sum() >= 1
+
+
+def test_categorical_matches_probabilities_and_never_picks_zero_probability():
+    from gptstack.infer.sampling import categorical
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.0, 0.2]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    idx = categorical(probs, g)
+    freq = torch.bincount(idx, minlength=5).float() / idx.numel()
+    assert freq[1] == 0 and freq[3] == 0
+    assert torch.allclose(freq, probs[0], atol=0.015), freq.tolist()
+    # one-hot rows (a grammar leaving one token) always give that token; seeds reproduce
+    onehot = torch.zeros(3, 7)
+    onehot[0, 6] = onehot[1, 0] = onehot[2, 3] = 1
+    assert categorical(onehot, g).tolist() == [6, 0, 3]
+    a = categorical(probs[:50], torch.Generator().manual_seed(5))
+    b = categorical(probs[:50], torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)

@@ -477,7 +477,15 @@ def cmd_chat(args) -> None:
             ids += [S["<|system_start|>"]] + tok.encode(system[0]) + [S["<|system_end|>"]]
         return ids
 
-    def rebuild(extra: list[int]) -> None:   # re-prefill: only on /system and when the context is full
+    def rebuild(extra: list[int]) -> None:
+        """Re-prefill (only on /system and when the context is full), first dropping the oldest turns until
+        the history, `extra` and room for a reply fit (a longer system prompt can overflow it too)."""
+        dropped = 0
+        while turns and len(head()) + sum(map(len, turns)) + len(extra) + reserve > engine.max_context:
+            turns.pop(0)
+            dropped += 1
+        if dropped:
+            notice(f"context full: dropped the {dropped} oldest turn(s)")
         session.reset()
         session.append(head() + [t for turn in turns for t in turn] + extra)
 
@@ -492,11 +500,6 @@ def cmd_chat(args) -> None:
         if not session.tokens:
             session.append(head())
         if session.free < len(seg) + reserve:
-            dropped = 0
-            while turns and len(head()) + sum(map(len, turns)) + len(seg) + reserve > engine.max_context:
-                turns.pop(0)
-                dropped += 1
-            notice(f"context full: dropped the {dropped} oldest turn(s)")
             rebuild(seg)
         else:
             session.append(seg)
@@ -533,7 +536,12 @@ def cmd_chat(args) -> None:
                 session.reset()
                 notice("conversation reset")
             elif cmd == "/system":
-                system[0] = rest.strip()
+                previous, system[0] = system[0], rest.strip()
+                if len(head()) + reserve > engine.max_context:
+                    system[0] = previous
+                    notice(f"error: that system prompt leaves no room for a reply in the {engine.max_context}-token "
+                           "context; kept the previous one")
+                    continue
                 rebuild([])
                 notice(f"system prompt {'set' if system[0] else 'cleared'}")
             elif cmd == "/temp":

@@ -14,6 +14,7 @@ Each value stays overridable by its own flag.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -77,7 +78,7 @@ class TrainConfig:
     save_every: int = 0            # 0: save at the end (and when interrupted)
     seed: int = 0
     device: str = "auto"
-    dtype: str = "auto"            # auto: bf16 autocast on GPUs that support it, fp32 elsewhere
+    dtype: str = "auto"            # auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32
     compile: bool = False
     resume: bool = False
     progress: bool = True
@@ -148,12 +149,19 @@ def resolve_device(name: str = "auto") -> "torch.device":
         raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
 
 
-def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype | None":
-    """The autocast dtype, or None for plain fp32."""
+def resolve_dtype(name: str, device: "torch.device", training: bool = False) -> "torch.dtype | None":
+    """The autocast dtype, or None for plain fp32.
+
+    "auto": bf16 on GPUs that support it; for *training* also on CPUs with native bf16 dot products
+    (avx512_bf16 / AMX), where a tiny-preset training step measured 1.42x faster than fp32 (0.84 vs 1.20 s,
+    2-core Zen 4). Generation on CPU stays fp32: one-token decode steps are bound by reading the weights,
+    and autocast re-casts them every step (measured 207 vs 246 tok/s at batch 1)."""
     import torch
 
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if training and device.type == "cpu" and cpu_has_native_bf16():
             return torch.bfloat16
         return None
     table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -161,6 +169,24 @@ def resolve_dtype(name: str, device: "torch.device") -> "torch.dtype | None":
     if name not in table:
         raise ConfigError(f"unknown dtype {name!r} (use auto, fp32, bf16 or fp16)")
     return table[name]
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (x86 avx512_bf16 or AMX); False where it cannot tell.
+    GPTSTACK_CPU_BF16=0/1 overrides (e.g. to compare fp32 and bf16 training on the same machine)."""
+    env = os.environ.get("GPTSTACK_CPU_BF16")
+    if env in ("0", "1"):
+        return env == "1"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def autocast(device: "torch.device", dtype: "torch.dtype | None"):

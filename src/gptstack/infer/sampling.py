@@ -106,7 +106,21 @@ def sample_next(logits: torch.Tensor, p: SamplingParams, generator: torch.Genera
         if p.top_p < 1.0:
             probs = torch.softmax(vals, dim=-1)
             vals = vals.masked_fill(probs.cumsum(dim=-1) - probs > p.top_p, float("-inf"))
-        choice = torch.multinomial(torch.softmax(vals, dim=-1), 1, generator=generator)
-        return idx.gather(-1, choice).squeeze(-1)
-    probs = torch.softmax(filter_logits(logits, p), dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        choice = categorical(torch.softmax(vals, dim=-1), generator)
+        return idx.gather(-1, choice[:, None]).squeeze(-1)
+    return categorical(torch.softmax(filter_logits(logits, p), dim=-1), generator)
+
+
+def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One index per row of (R, V) probabilities, by inverting the CDF with one uniform number per row.
+
+    Why not `torch.multinomial`: on CPU it draws an exponential variate for *every* vocabulary entry (the
+    exponential race), ~10 ms per step for 64 rows x 8K vocabulary — measured as 45% of an RL rollout's
+    sampling time. A float64 cumulative sum and a binary search cost ~0.3 ms. Zero-probability entries (masked,
+    filtered) are never chosen: the search returns the first index whose CDF exceeds u, and a zero entry never
+    raises the CDF."""
+    cdf = probs.to(torch.float64).cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    # u * total can round up to total itself (probability ~1e-16): fall back to the most likely entry
+    return torch.where(idx < probs.shape[-1], idx, probs.argmax(dim=-1))

@@ -224,7 +224,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     if cfg.resume and not (out / "trainer_state.json").exists():
         raise CheckpointError(f"cannot resume: '{out}' has no trainer_state.json")
     device = resolve_device(cfg.device)
-    amp_dtype = resolve_dtype(cfg.dtype, device)
+    amp_dtype = resolve_dtype(cfg.dtype, device, training=True)
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
