@@ -284,3 +284,38 @@ def test_speculative_greedy_equals_plain_greedy(engine, tiny_tokenizer):
         assert len(out.tokens) == 60 and st["accepted"] > 0 and st["forwards"] < 60
     finally:
         engine.speculate = 0
+
+
+def test_session_fast_forwards_grammar_tokens_and_keeps_them_in_the_cache(engine, tiny_tokenizer):
+    """Session (chat) takes grammar-forced tokens without masks, like events(): valid JSON, far fewer mask
+    computations than tokens, the same text with and without fast-forward (greedy), and the session's
+    cache holds the whole reply (the next logits equal a fresh prefill's)."""
+    import json
+
+    from gptstack.infer.constrained import GrammarHook, compile_grammar, grammar_params
+
+    tok = tiny_tokenizer
+    schema = {"type": "object", "properties": {"ruler": {"const": "the old king"},
+                                               "kingdom": {"enum": ["Denmark", "Scotland"]}},
+              "required": ["ruler", "kingdom"], "additionalProperties": False}
+    grammar = compile_grammar(json_schema=schema, tokenizer=tok)
+    params = grammar_params(SamplingParams(temperature=0, max_tokens=60), tok)
+    out = {}
+    try:
+        for ff in (True, False):
+            engine.fast_forward = ff
+            session = engine.session()
+            prompt = prompts_of(tok, ["Who rules?"])[0]
+            session.append(prompt)
+            hook = GrammarHook(tok, grammar, engine.config.vocab_size)
+            c = session.generate(params, hooks=[hook])
+            assert c.finish_reason == "stop" and json.loads(c.text)["ruler"] == "the old king", c.text
+            out[ff] = (c.text, hook.mask_calls, len(c.tokens), list(session.tokens), session._logits)
+    finally:
+        engine.fast_forward = True
+    assert out[True][0] == out[False][0]
+    assert out[True][1] < out[True][2] / 2 and out[False][1] >= out[False][2]
+    seq = out[True][3]
+    fresh = engine._forward(torch.tensor([seq]), KVCache(engine.config, 1, len(seq), "cpu", torch.float32),
+                            torch.arange(len(seq))[None])
+    assert torch.allclose(out[True][4], fresh, atol=1e-4)

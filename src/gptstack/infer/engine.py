@@ -456,7 +456,29 @@ class Session:
             h.start(1)
         c = Completion(0, 0, logprobs=[] if params.logprobs else None)
         d = _Detok(params.stop)
-        for _ in range(min(params.max_tokens, self.free - 1)):
+        budget = min(params.max_tokens, self.free - 1)
+        # grammar-forced tokens are taken without masks or sampling and fed with the sampled one in one chunk,
+        # as in Engine.events (not with logprobs: forced tokens get no logits)
+        ff_hooks = [h for h in hooks if hasattr(h, "forced_tokens")]
+        fast_forward = self.engine.fast_forward and bool(hooks) and len(ff_hooks) == len(hooks) and not params.logprobs
+
+        def take(tok: int) -> bool:
+            """Add a generated token to the reply; False when the reply is finished by it."""
+            if tok in stop_ids:
+                c.finish_reason = "stop"
+                return False
+            c.tokens.append(tok)
+            if counts is not None:
+                counts[0, tok] += 1
+            delta, hit = d.push(self.engine.token_bytes(tok))
+            if on_delta and delta:
+                on_delta(delta)
+            if hit or any(h.finished(0) for h in hooks):
+                c.finish_reason = "stop"
+                return False
+            return len(c.tokens) < budget
+
+        while len(c.tokens) < budget:
             raw = self._logits
             logits = raw.clone() if hooks and params.logprobs else raw
             for h in hooks:
@@ -467,18 +489,20 @@ class Session:
             tok = int(tok_t[0])
             if params.logprobs:
                 c.logprobs.append(float(raw[0, tok] - torch.logsumexp(raw[0], dim=-1)))
-            self.append([tok])
-            if tok in stop_ids:
-                c.finish_reason = "stop"
-                break
-            c.tokens.append(tok)
-            if counts is not None:
-                counts[0, tok] += 1
-            delta, hit = d.push(self.engine.token_bytes(tok))
-            if on_delta and delta:
-                on_delta(delta)
-            if hit or any(h.finished(0) for h in hooks):
-                c.finish_reason = "stop"
+            chunk, alive = [tok], take(tok)
+            if alive and fast_forward:
+                for f in ff_hooks[0].forced_tokens(0):
+                    if len(c.tokens) >= budget:
+                        break
+                    f_t = torch.tensor([f], device=self.engine.device)
+                    for h in hooks:
+                        h.accept(rows, f_t)
+                    chunk.append(f)
+                    alive = take(f)
+                    if not alive:
+                        break
+            self.append(chunk)   # the stop token too: the next turn follows it
+            if not alive:
                 break
         c.finish_reason = c.finish_reason or "length"
         rest = d.finish()
