@@ -17,11 +17,11 @@ def test_micro_pipeline_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
     stages = record["stages"]
     pairs = (root / "prefs.jsonl").read_text().strip()
     preference_stages = ("rm", "ppo", "dpo")
-    for name in ("base", "sft", "sft_lora", "prefs", "grpo", "distill", "eval", "report") + preference_stages:
+    for name in ("base", "sft", "sft_lora", "prefs", "grpo", "ppo_task", "distill", "eval", "report") + preference_stages:
         # an untrained micro model ties on every prompt: then the preference stages are skipped, and say so
         expected = "skipped" if name in preference_stages and not pairs else "done"
         assert stages[name]["status"] == expected, (name, stages[name])
-    for stage in ("base", "sft", "sft_lora", "grpo", "distill") + (("ppo", "dpo") if pairs else ()):
+    for stage in ("base", "sft", "sft_lora", "grpo", "ppo_task", "distill") + (("ppo", "dpo") if pairs else ()):
         result = json.loads((root / "eval" / f"{stage}.json").read_text())
         assert set(result["tasks"]) >= {"arithmetic_cot", "spelling", "extraction"}
         assert result["json_validity"]["constrained"] == 1.0  # the grammar guarantees valid JSON, even untrained
@@ -33,13 +33,13 @@ def test_micro_pipeline_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
             assert a["entropy"] > 0 and (a["kl_to_sft"] == pytest.approx(0, abs=1e-4) if stage == "sft"
                                          else a["kl_to_sft"] is not None)
     html = (root / "report.html").read_text()
-    assert "Task accuracy" in html and "<img" in html
+    assert "Task accuracy" in html and "<img" in html and "PPO (task)" in html
 
     t0 = time.time()
     assert main(["pipeline", "--preset", "micro", "--out", str(root)]) == 0
     assert time.time() - t0 < 60
     stages = json.loads((root / "pipeline.json").read_text())["stages"]
-    for name in ("base", "sft", "sft_lora", "prefs", "grpo", "distill", "eval") + (preference_stages if pairs else ()):
+    for name in ("base", "sft", "sft_lora", "prefs", "grpo", "ppo_task", "distill", "eval") + (preference_stages if pairs else ()):
         assert stages[name]["status"] == "reused", (name, stages[name])
 
 

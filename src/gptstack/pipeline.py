@@ -22,7 +22,7 @@ from pathlib import Path
 from .errors import ConfigError, GptstackError
 
 # stage names are the names of their outputs under RUN_ROOT (base/, prefs.jsonl, rm/, ...)
-STAGES = ["base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "distill", "eval", "report"]
+STAGES = ["base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill", "eval", "report"]
 
 LORA_WITH_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
 TINY_SFT_MIXTURE = ("arithmetic_cot:3,arithmetic_direct,facts:2.5,spelling,extraction:0.8,shakespeare:0.4,"
@@ -61,6 +61,7 @@ PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
         "rm": ["--steps", "500"],
         "grpo": ["--algo", "grpo", "--reward", "task", "--steps", "300"],
         "ppo": ["--algo", "ppo", "--steps", "300"],
+        "ppo_task": ["--algo", "ppo", "--steps", "300"],
         "dpo": ["--steps", "500"],
         "distill": ["--mode", "onpolicy", "--steps", "300"],
         "eval": ["--n-examples", "200"],
@@ -79,6 +80,8 @@ PIPELINE_PRESETS["micro"] = {
              "--samples", "4", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
     "ppo": ["--algo", "ppo", "--minutes", "0", "--steps", "2", "--n-prompts", "4", "--samples", "2",
             "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
+    "ppo_task": ["--algo", "ppo", "--tasks", "spelling", "--minutes", "0", "--steps", "2", "--n-prompts", "4",
+                 "--samples", "2", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
     "dpo": ["--minutes", "0", "--steps", "3"],
     "distill": ["--mode", "onpolicy", "--minutes", "0", "--steps", "2", "--n-prompts", "2", "--samples", "2",
                 "--max-new-tokens", "12", "--train-examples", "16", "--eval-examples", "2"],
@@ -128,7 +131,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     record.update({"preset": cfg.preset, "corpus": cfg.corpus})
     record.setdefault("stages", {})
     paths = {"base": root / "base", "sft": root / "sft", "sft_lora": root / "sft_lora", "prefs": root / "prefs.jsonl",
-             "rm": root / "rm", "grpo": root / "grpo", "ppo": root / "ppo", "dpo": root / "dpo",
+             "rm": root / "rm", "grpo": root / "grpo", "ppo": root / "ppo", "ppo_task": root / "ppo_task", "dpo": root / "dpo",
              "distill": root / "distill"}
 
     def train_stage(name: str, out: Path, argv: list[str]) -> None:
@@ -185,6 +188,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             train_stage(name, paths["grpo"], ["rl", str(paths["sft"])] + flags["grpo"])
         elif name == "ppo":
             train_stage(name, paths["ppo"], ["rl", str(paths["sft"]), "--reward", f"rm:{paths['rm']}"] + flags["ppo"])
+        elif name == "ppo_task":
+            train_stage(name, paths["ppo_task"], ["rl", str(paths["sft"]), "--reward", "task"] + flags["ppo_task"])
         elif name == "dpo":
             train_stage(name, paths["dpo"], ["dpo", str(paths["sft"]), "--prefs", str(paths["prefs"])] + flags["dpo"])
         elif name == "distill":

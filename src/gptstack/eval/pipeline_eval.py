@@ -14,7 +14,8 @@ import json
 import time
 from pathlib import Path
 
-STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo", "dpo": "dpo",
+STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo",
+              "ppo_task": "ppo_task", "dpo": "dpo",
               "distill": "distill"}
 VOTE_TASKS = ["arithmetic_cot"]
 DIVERSITY_TASKS = ["greetings", "shakespeare"]

@@ -32,15 +32,16 @@ from pathlib import Path
 
 from ..errors import DataError
 
-RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "dpo", "distill")
-POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "dpo", "distill")       # the models evaluated on tasks
-PIPELINE_ORDER = ("tokenizer", "base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "dpo", "distill", "eval",
-                  "report")
+RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill")
+POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "ppo_task", "dpo", "distill")       # the models evaluated on tasks
+PIPELINE_ORDER = ("tokenizer", "base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill",
+                  "eval", "report")
 LABELS = {"tokenizer": "Tokenizer", "base": "Base (pretrain)", "sft": "SFT", "sft_lora": "SFT · LoRA",
-          "prefs": "Preference pairs", "rm": "Reward model", "grpo": "GRPO", "ppo": "PPO", "dpo": "DPO",
+          "prefs": "Preference pairs", "rm": "Reward model", "grpo": "GRPO (task)", "ppo": "PPO (RM)",
+          "ppo_task": "PPO (task)", "dpo": "DPO",
           "distill": "Distilled (LoRA ← SFT)", "eval": "Evaluation", "report": "Report"}
 COLORS = {"base": "#6b7280", "sft": "#2563eb", "sft_lora": "#0891b2", "rm": "#dc2626", "grpo": "#16a34a",
-          "ppo": "#d97706", "dpo": "#9333ea", "distill": "#db2777"}
+          "ppo": "#d97706", "ppo_task": "#b45309", "dpo": "#9333ea", "distill": "#db2777"}
 EXTRA_COLORS = ("#db2777", "#65a30d", "#0f766e", "#7c3aed", "#b45309")
 DECODING = (("greedy", "greedy"), ("sample", "sample (T=1)"), ("vote", "self-consistency vote"),
             ("best_of", "best-of-n (RM)"))
