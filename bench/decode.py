@@ -13,6 +13,9 @@ from every task's test split, greedy until <|assistant_end|> or 64 tokens, again
 weights (a Qwen3 layout when the model has QK-norm: same RMSNorm on each head before RoPE). Greedy outputs
 are compared token for token.
 
+Random mode also times the matmul floor: only the weight matmuls of each decode step, back to back, on the
+same weights. Its ratio to HF is the most a one-token-per-pass engine at this precision could gain over HF.
+
 Our engine's greedy batch-1 path verifies prompt-lookup drafts (--speculate K tokens, the engine's default;
 0 turns it off), so each row is timed with and without it. Prints tokens/s and the ratio ours / HF.
 """
@@ -101,7 +104,28 @@ def bench(cfg, batch: int, new: int, prompt_len: int, repeats: int, speculate: i
         engine.speculate = spec
         rows.append({"what": f"random batch {batch}", "speculate": spec, "tokens": batch * new,
                      **_time_pair(run_ours, run_hf, repeats, engine)})
+    floor = matmul_floor(ours, batch, new, repeats)
+    for r in rows:
+        r["floor_s"] = floor
     return rows
+
+
+def matmul_floor(model, batch: int, steps: int, repeats: int) -> float:
+    """Seconds for `steps` rounds of just the weight matmuls one decode step does (every Linear of the model,
+    in order, on a (batch, in) input): what any engine at this precision pays per token, whatever its
+    overhead. At batch 1 these are matrix-vector products that read all the weights once per token."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(batch, m.in_features) for m in linears]
+    best = float("inf")
+    with torch.no_grad():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                for m, x in zip(linears, xs):
+                    torch.nn.functional.linear(x, m.weight)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def bench_real(run: str, n_prompts: int, repeats: int, speculate: int, max_new: int = 64) -> list[dict]:
@@ -199,6 +223,11 @@ def main(argv=None):
         print(f"{r['what']:<28} speculate {r['speculate']}: ours {r['tokens'] / r['ours_s']:8.1f} tok/s   "
               f"HF generate {r['tokens'] / r['hf_s']:8.1f} tok/s   ratio {r['hf_s'] / r['ours_s']:.2f}x   "
               f"(greedy outputs identical: {r['identical']}){extra}", flush=True)
+        if r.get("floor_s") and not r["speculate"]:
+            # one token per pass: no engine at this precision beats the matmuls alone
+            print(f"{'':<28} matmul floor {r['tokens'] / r['floor_s']:8.1f} tok/s: ours at "
+                  f"{r['floor_s'] / r['ours_s']:.0%} of it, HF at {r['floor_s'] / r['hf_s']:.0%}; the most any "
+                  f"one-token-per-pass engine could be over HF here: {r['hf_s'] / r['floor_s']:.2f}x", flush=True)
 
 
 if __name__ == "__main__":
