@@ -407,6 +407,19 @@ def _load_engine(args):
     speculate = getattr(args, "speculate", 0) or 0
     if speculate < 0:
         raise ConfigError(f"--speculate must be 0 (off) or a number of draft tokens, got {speculate}")
+    if speculate:
+        # drafts are verified against the greedy choice of one sequence with no logit hooks; say so rather
+        # than silently decode without them
+        why = ("chat" if args.func is cmd_chat else
+               f"--temperature {args.temperature}" if args.temperature != 0 else
+               "--n > 1" if (getattr(args, "n", 1) or 1) > 1 else
+               "--best-of" if getattr(args, "best_of", 0) else
+               "a grammar (--json-schema/--regex/--grammar)" if any(getattr(args, k, None) for k in
+                                                                    ("json_schema", "regex", "grammar")) else
+               "--mix-base" if getattr(args, "mix_base", None) else "")
+        if why:
+            raise ConfigError(f"--speculate verifies drafts against greedy decoding of one sequence "
+                              f"(generate, --temperature 0, --n 1, no grammar or mixing); not with {why}")
     engine.speculate = speculate
     return engine, tok
 

@@ -229,7 +229,7 @@ class PolicyWithValue(nn.Module):
         if not self.value_grad_to_trunk:
             h = h.detach()
         # V at position t-1 is the value of the state in which token t is chosen: align with logp
-        v = self.value_head(h[:, :-1])
+        v = self.value_head(h[:, :-1]).float()   # fp32 even under bf16 autocast (GAE, the value loss)
         out["values"] = torch.cat([torch.zeros_like(v[:, :1]), v], dim=1) * resp_mask.to(v.dtype)
         return out
 

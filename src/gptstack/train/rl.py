@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict, resolve_device
+from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import PolicyWithValue, core_gpt, load_head, response_logprobs, right_pad, save_head
 from .checkpoint import load_model, load_weights, read_config, save_weights
@@ -233,6 +233,9 @@ class RolloutBatches:
         self.cfg, self.model, self.ref, self.tok = cfg, model, ref, tok
         self.examples, self.reward_fn, self.kl, self.device = examples, reward_fn, kl, device
         self.rollouts, self.epoch, self.cursor = 0, 0, 0
+        # the loss runs under the loop's autocast; the log-probs it is compared with (behaviour policy, reference,
+        # values) must come from the same precision, or the first pass's ratio is not 1 but bf16 rounding noise
+        self.amp = (torch.device(device), resolve_dtype(cfg.dtype, torch.device(device), training=True))
         self.pending: list[dict] = []
         self._order = self._perm(0)
         self.last_stats: dict = {}
@@ -286,7 +289,8 @@ class RolloutBatches:
         ids, mask = build_sequences(flat_prompts, flat, self.tok.assistant_end_id, self.device)
         T = cfg.temperature
         need_ref = cfg.kl_coef > 0 or cfg.algo == "ppo"
-        ref_logp = reference_logprobs(self.ref, self.policy, ids, mask, T) if need_ref else torch.zeros_like(mask)
+        with autocast(*self.amp):
+            ref_logp = reference_logprobs(self.ref, self.policy, ids, mask, T) if need_ref else torch.zeros_like(mask)
         batch = {"input_ids": ids, "resp_mask": mask, "ref_logp": ref_logp}
         stats = {"reward": float(scores.mean()), "task_accuracy": task_acc,
                  **({f"task_accuracy_{t}": float(np.mean(v)) for t, v in per_task.items()}
@@ -299,9 +303,11 @@ class RolloutBatches:
             batch["adv"] = adv.reshape(-1, 1).to(self.device) * mask
             stats["zero_var_groups"] = float(zero)
             if multi:  # the behaviour policy's log-probs, for the ratio on later passes
-                batch["old_logp"] = response_logprobs(self.policy, ids, mask, T)["logp"]
+                with autocast(*self.amp):
+                    batch["old_logp"] = response_logprobs(self.policy, ids, mask, T)["logp"]
         else:
-            out = self.model(ids, mask, T)
+            with autocast(*self.amp):
+                out = self.model(ids, mask, T)
             old_logp, values = out["logp"], out["values"]
             kl_tok = (old_logp - ref_logp) * mask
             rewards = -self.kl.value * kl_tok
