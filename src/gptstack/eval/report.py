@@ -586,15 +586,25 @@ def table_json(data):
 def table_alignment(data):
     """The alignment table: each chat stage's held-out accuracy (mean over tasks, greedy and sampled), KL to
     the SFT model and mean policy entropy on its own samples."""
-    rows = []
+    rows, target = [], None
     for s, e in data["evals"].items():
         a = e.get("alignment")
         if not isinstance(a, dict):
             continue
         g, smp = _mean_acc(e, "greedy"), _mean_acc(e, "sample")
-        rows.append([label(s), (pct(g), g), (pct(smp), smp), (fmt(a.get("kl_to_sft")), None),
-                     (fmt(a.get("entropy")), None)])
+        row = [label(s), (pct(g), g), (pct(smp), smp), (fmt(a.get("kl_to_sft")), None),
+               (fmt(a.get("entropy")), None)]
+        rl = e.get("rl_target")
+        if isinstance(rl, dict):   # the RL stages' own task, on enough problems to see a few points
+            target = target or rl
+            row += [(pct(rl.get("greedy")), _num(rl.get("greedy"))), (pct(rl.get("sample")), _num(rl.get("sample")))]
+        rows.append(row)
     head = ["stage", "accuracy (greedy)", "accuracy (sampled)", "KL to SFT (nats/reply)", "policy entropy (nats/token)"]
+    if target and all(len(r) == len(head) + 2 for r in rows):
+        what = f"{target['task'].replace('_', ' ')}, {target['n']} problems"
+        head += [f"{what} (greedy)", f"{what} (T={target.get('temperature', 1.0):g})"]
+    else:
+        rows = [r[:len(head)] for r in rows]
     return (head, rows) if rows else None
 
 
