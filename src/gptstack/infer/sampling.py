@@ -119,8 +119,9 @@ def categorical(probs: torch.Tensor, generator: torch.Generator | None) -> torch
     sampling time. A float64 cumulative sum and a binary search cost ~0.3 ms. Zero-probability entries (masked,
     filtered) are never chosen: the search returns the first index whose CDF exceeds u, and a zero entry never
     raises the CDF."""
-    cdf = probs.to(torch.float64).cumsum(dim=-1)
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    wide = torch.float32 if probs.device.type == "mps" else torch.float64   # MPS has no float64
+    cdf = probs.to(wide).cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=wide, device=probs.device)
     idx = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     # u * total can round up to total itself (probability ~1e-16): fall back to the most likely entry
     return torch.where(idx < probs.shape[-1], idx, probs.argmax(dim=-1))
