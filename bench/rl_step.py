@@ -1,9 +1,9 @@
 """One GRPO step and one DPO step of gptstack against TRL's GRPOTrainer / DPOTrainer, same model, same run.
 
-    .venv/bin/python bench/rl_step.py [--steps 3] [--threads 2] [--beta 0.04]
+    .venv/bin/python bench/rl_step.py [--steps 3] [--threads 2] [--beta 0.04] [--bf16]
 
 The model is a tiny Llama layout (4 layers, 256 wide, 4 heads, SwiGLU 704, vocab 8192, no QK-norm, untied):
-our GPT and HF `LlamaForCausalLM` get the same weights (checked: equal logits). Both sides use AdamW, fp32,
+our GPT and HF `LlamaForCausalLM` get the same weights (checked: equal logits). Both sides use AdamW, fp32 (bf16 autocast with --bf16),
 the same prompts, the same rewards and the same KL coefficient against a frozen reference.
 
 GRPO step: 8 prompts x 8 samples x 64 new tokens (sampling at T=1 from a near-uniform random model, so rows
@@ -106,23 +106,20 @@ def random_reward(seed=0):
     return lambda n: [rng.random() for _ in range(n)]
 
 
-DTYPE = ["fp32"]   # both sides: fp32, or bf16 autocast with --bf16 (our "auto" picks bf16 on CPUs with native bf16)
-
-
 def median_step(times: list[float]) -> float:
     return statistics.median(times[1:]) if len(times) > 1 else times[0]
 
 
 # ---- GRPO ------------------------------------------------------------------------------------------------
 
-def ours_grpo(run: Path, tmp: Path, steps: int, beta: float) -> tuple[float, dict]:
+def ours_grpo(run: Path, tmp: Path, steps: int, beta: float, dtype: str) -> tuple[float, dict]:
     from gptstack.train.loop import train
     from gptstack.train.rl import RLConfig, prepare_rl
 
     draw = random_reward(1)
     cfg = RLConfig(out=str(tmp / "ours_grpo"), algo="grpo", tasks="arithmetic_direct", n_prompts=8, samples=8,
                    max_new_tokens=64, kl_coef=beta, update_epochs=1, minibatches=1, steps=steps, log_every=1, eval_every=0, progress=False,
-                   lr=1e-6, device="cpu", dtype=DTYPE[0], train_examples=64)
+                   lr=1e-6, device="cpu", dtype=dtype, train_examples=64)
     setup = prepare_rl(run, cfg, reward_fn=lambda ex, p, comps: draw(len(comps)))
     train(setup.stage, setup.cfg)
     recs = [json.loads(l) for l in (tmp / "ours_grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -152,7 +149,8 @@ class StepTimer:
         return _T()
 
 
-def trl_grpo(hf_model, hf_tok, prompts: list[str], tmp: Path, steps: int, beta: float) -> tuple[float, dict]:
+def trl_grpo(hf_model, hf_tok, prompts: list[str], tmp: Path, steps: int, beta: float, dtype: str
+             ) -> tuple[float, dict]:
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -166,7 +164,7 @@ def trl_grpo(hf_model, hf_tok, prompts: list[str], tmp: Path, steps: int, beta: 
 
     args = GRPOConfig(model_init_kwargs={"dtype": torch.float32}, output_dir=str(tmp / "trl_grpo"), per_device_train_batch_size=64, num_generations=8,
                       max_completion_length=64, beta=beta, learning_rate=1e-6, max_steps=steps, logging_steps=1,
-                      save_strategy="no", report_to="none", use_cpu=True, bf16=DTYPE[0] == "bf16", disable_tqdm=True,
+                      save_strategy="no", report_to="none", use_cpu=True, bf16=dtype == "bf16", disable_tqdm=True,
                       dataloader_num_workers=0, temperature=1.0, top_k=0, seed=0, shuffle_dataset=False)
     ds = Dataset.from_dict({"prompt": prompts * 8})
     timer = StepTimer()
@@ -194,12 +192,12 @@ def dpo_pairs(tok, n: int, seed=0):
     return pairs
 
 
-def ours_dpo(run: Path, prefs: Path, tmp: Path, steps: int) -> float:
+def ours_dpo(run: Path, prefs: Path, tmp: Path, steps: int, dtype: str) -> float:
     from gptstack.train.dpo import DPOConfig, prepare_dpo
     from gptstack.train.loop import train
 
     cfg = DPOConfig(out=str(tmp / "ours_dpo"), prefs=str(prefs), batch_size=8, max_len=128, beta=0.1, steps=steps,
-                    val_frac=0.0, log_every=1, eval_every=10_000, progress=False, lr=1e-6, device="cpu", dtype=DTYPE[0])
+                    val_frac=0.0, log_every=1, eval_every=10_000, progress=False, lr=1e-6, device="cpu", dtype=dtype)
     stage, cfg, _, _ = prepare_dpo(run, cfg)
     stage.evaluate = None
     train(stage, cfg)
@@ -208,7 +206,7 @@ def ours_dpo(run: Path, prefs: Path, tmp: Path, steps: int) -> float:
     return median_step([el[0]] + [b - a for a, b in zip(el, el[1:])])
 
 
-def trl_dpo(hf_model, hf_tok, tok, pairs, tmp: Path, steps: int) -> float:
+def trl_dpo(hf_model, hf_tok, tok, pairs, tmp: Path, steps: int, dtype: str) -> float:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
@@ -218,7 +216,7 @@ def trl_dpo(hf_model, hf_tok, tok, pairs, tmp: Path, steps: int) -> float:
             "rejected": [p.rejected + "<|assistant_end|>" for p in pairs]}
     args = DPOConfig(model_init_kwargs={"dtype": torch.float32}, output_dir=str(tmp / "trl_dpo"), per_device_train_batch_size=8, max_length=128, beta=0.1,
                      learning_rate=1e-6, max_steps=steps, logging_steps=1, save_strategy="no", report_to="none",
-                     use_cpu=True, bf16=DTYPE[0] == "bf16", disable_tqdm=True, dataloader_num_workers=0, seed=0)
+                     use_cpu=True, bf16=dtype == "bf16", disable_tqdm=True, dataloader_num_workers=0, seed=0)
     timer = StepTimer()
     trainer = DPOTrainer(model=hf_model, args=args, train_dataset=Dataset.from_dict(rows), processing_class=hf_tok,
                          callbacks=[timer])
@@ -235,7 +233,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["grpo", "dpo", "all"], default="all")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    DTYPE[0] = "bf16" if args.bf16 else "fp32"
+    dtype = "bf16" if args.bf16 else "fp32"   # the same on both sides (our "auto" would pick bf16 on this CPU)
 
     from gptstack.data.preference import save_preferences
     from gptstack.data.tasks import generate_mixture
@@ -253,8 +251,8 @@ def main() -> None:
         if args.only in ("grpo", "all"):
             examples = generate_mixture("arithmetic_direct", "train", 8, 0)
             prompts = [tok.decode(tok.render_prompt(ex.prompt_messages())) for ex in examples]
-            t_ours, info_o = ours_grpo(run, tmp, args.steps, args.beta)
-            t_trl, info_t = trl_grpo(hf, hf_tok, prompts, tmp, args.steps, args.beta)
+            t_ours, info_o = ours_grpo(run, tmp, args.steps, args.beta, dtype)
+            t_trl, info_t = trl_grpo(hf, hf_tok, prompts, tmp, args.steps, args.beta, dtype)
             results["grpo"] = (t_ours, t_trl)
             print(f"GRPO step (8 prompts x 8 samples x 64 tokens, beta {args.beta}): gptstack {t_ours:.2f}s "
                   f"(sampling {info_o['sample_s']:.2f}s, {info_o['response_tokens']:.0f} tokens/reply)  "
@@ -262,8 +260,8 @@ def main() -> None:
         if args.only in ("dpo", "all"):
             pairs = dpo_pairs(tok, 64)
             save_preferences(pairs, tmp / "prefs.jsonl")
-            t_ours = ours_dpo(run, tmp / "prefs.jsonl", tmp, args.steps)
-            t_trl = trl_dpo(hf, hf_tok, tok, pairs, tmp, args.steps)
+            t_ours = ours_dpo(run, tmp / "prefs.jsonl", tmp, args.steps, dtype)
+            t_trl = trl_dpo(hf, hf_tok, tok, pairs, tmp, args.steps, dtype)
             results["dpo"] = (t_ours, t_trl)
             print(f"DPO step (8 pairs, <= 128 tokens): gptstack {t_ours:.3f}s  TRL {t_trl:.3f}s  ->  "
                   f"{t_trl / t_ours:.2f}x")

@@ -108,6 +108,8 @@ def test_chat_system_prompt_that_overflows_history_drops_turns_or_is_refused(run
              "/system " + "very long " * 60, "Fair day", "/quit"]
     r = gptstack("chat", run_dir, "--max-tokens", "40", "--temperature", "0", stdin="\n".join(lines) + "\n")
     assert r.returncode == 0, r.stderr
-    assert "[system prompt set]" in r.stdout
-    assert "leaves no room for a reply" in r.stdout
-    assert r.stdout.count("\n") >= 5   # the last turn was still answered
+    lines = r.stdout.splitlines()
+    i = lines.index("[system prompt set]")
+    assert lines[i - 1].startswith("[context full: dropped the")   # the system prompt made room by dropping turns
+    assert "leaves no room for a reply" in lines[i + 1]
+    assert lines[i + 2].strip() and not lines[i + 2].startswith("[")   # and the next turn was still answered

@@ -106,3 +106,24 @@ def test_tokenizer_model_mismatch(tmp_path, tiny_config, tiny_tokenizer):
     Tokenizer.train([make_text(200, 5)], vocab_size=300).save(run / "tokenizer")
     with pytest.raises(CheckpointError, match="do not belong together"):
         load_model(run)
+
+
+def test_auto_dtype_trains_in_bf16_only_on_cpus_with_native_bf16(monkeypatch):
+    """--dtype auto: bf16 autocast for training where the CPU multiplies bf16 natively, never for generation
+    on CPU; GPTSTACK_CPU_BF16 overrides the detection; explicit dtypes are taken as given."""
+    from gptstack import config
+
+    cpu = torch.device("cpu")
+    try:
+        for env, want in (("1", torch.bfloat16), ("0", None)):
+            monkeypatch.setenv("GPTSTACK_CPU_BF16", env)
+            config.cpu_has_native_bf16.cache_clear()
+            assert config.resolve_dtype("auto", cpu, training=True) == want
+            assert config.resolve_dtype("auto", cpu) is None
+            assert config.resolve_dtype("fp32", cpu, training=True) is None
+            assert config.resolve_dtype("bf16", cpu) == torch.bfloat16
+        with pytest.raises(ConfigError):
+            config.resolve_dtype("fp8", cpu)
+    finally:
+        monkeypatch.delenv("GPTSTACK_CPU_BF16")
+        config.cpu_has_native_bf16.cache_clear()

@@ -402,14 +402,20 @@ def _load_engine(args):
     from .infer.engine import Engine
     from .model.quant import load_quantized
 
+    speculate = _speculate_flag(args)   # before loading: a bad flag should not wait for the model
     model, tok, _ = load_quantized(args.run, resolve_device(args.device), getattr(args, "quantize", None))
     engine = Engine(model, tok)
+    engine.speculate = speculate
+    return engine, tok
+
+
+def _speculate_flag(args) -> int:
+    """--speculate K, checked: drafts are verified against the greedy choice of one sequence with no logit
+    hooks, so anything else is an error rather than a silently ignored flag."""
     speculate = getattr(args, "speculate", 0) or 0
     if speculate < 0:
         raise ConfigError(f"--speculate must be 0 (off) or a number of draft tokens, got {speculate}")
     if speculate:
-        # drafts are verified against the greedy choice of one sequence with no logit hooks; say so rather
-        # than silently decode without them
         why = ("chat" if args.func is cmd_chat else
                f"--temperature {args.temperature}" if args.temperature != 0 else
                "--n > 1" if (getattr(args, "n", 1) or 1) > 1 else
@@ -420,8 +426,7 @@ def _load_engine(args):
         if why:
             raise ConfigError(f"--speculate verifies drafts against greedy decoding of one sequence "
                               f"(generate, --temperature 0, --n 1, no grammar or mixing); not with {why}")
-    engine.speculate = speculate
-    return engine, tok
+    return speculate
 
 
 def _infer_hooks(args, engine) -> list:
@@ -453,8 +458,8 @@ def _add_infer_flags(p) -> None:
     g = p.add_argument_group("inference")
     g.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
     g.add_argument("--speculate", type=int, default=0, metavar="K",
-                   help="greedy, one sequence: verify up to K prompt-lookup draft tokens per pass (same output "
-                        "as plain greedy; pays off on text that repeats or copies its prompt)")
+                   help="generate with --temperature 0 and one sample: verify up to K prompt-lookup draft tokens "
+                        "per pass (same output as plain greedy; pays off on text that repeats or copies its prompt)")
     g.add_argument("--retrieve", metavar="INDEX", default=None, help="retrieve passages from this index into the prompt")
     g.add_argument("--top-k-passages", "--passages", dest="passages", type=int, default=3, metavar="K",
                    help="passages to retrieve (with --retrieve)")
