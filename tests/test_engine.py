@@ -202,6 +202,55 @@ def test_ragged_chunk_step_equals_token_by_token(engine, tiny_tokenizer):
             assert torch.allclose(batched[i], out[0], atol=1e-4)
 
 
+def test_grammar_masks_overlap_the_forward_pass(engine, tiny_tokenizer):
+    """Masks computed on the worker thread during the forward pass (prefetch) are the masks of the rows the
+    next step processes: the same seeded outputs with overlap on and off, every step's mask prefetched after
+    the first (so the loop's exposed mask time is only waiting and applying), in batches and a session."""
+    from gptstack.infer.constrained import GrammarHook, compile_grammar, grammar_params
+
+    tok = tiny_tokenizer
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 99},
+                                               "tags": {"type": "array", "items": {"enum": ["a", "bb"]}}},
+              "required": ["name", "age", "tags"], "additionalProperties": False}
+    grammar = compile_grammar(json_schema=schema, tokenizer=tok)
+    prompts = prompts_of(tok, ["The king", "A longer prompt about the court of Denmark"])
+    params = grammar_params(SamplingParams(n=3, seed=5, temperature=1.0, max_tokens=60), tok)
+
+    class Spy(GrammarHook):
+        prefetched = computed_sync = 0
+
+        def prefetch(self, rows):
+            self.prefetched += 1
+            super().prefetch(rows)
+
+        def process(self, logits, rows):
+            if self._pending is None or self._pending[0] != rows.tolist():
+                self.computed_sync += 1
+            return super().process(logits, rows)
+
+    texts = {}
+    for overlap in (True, False):
+        hook = Spy(tok, grammar, engine.config.vocab_size, overlap=overlap)
+        out = engine.generate(prompts, params, hooks=[hook])
+        texts[overlap] = [(c.text, c.finish_reason) for o in out for c in o]
+        if overlap:
+            assert hook.computed_sync == 1 and hook.prefetched >= 1, (hook.computed_sync, hook.prefetched)
+        assert hook.mask_seconds > 0 and hook.exposed_seconds > 0
+    assert texts[True] == texts[False]
+
+    session_texts = {}
+    for overlap in (True, False):
+        session = engine.session()
+        session.append(tok.encode("The king", bos=True))
+        hook = Spy(tok, grammar, engine.config.vocab_size, overlap=overlap)
+        c = session.generate(grammar_params(SamplingParams(seed=2, temperature=1.0, max_tokens=60), tok), hooks=[hook])
+        session_texts[overlap] = (c.text, list(session.tokens))
+        if overlap:
+            assert hook.computed_sync == 1, hook.computed_sync
+    assert session_texts[True] == session_texts[False]
+
+
 def test_grammar_forced_tokens_are_fast_forwarded(engine, tiny_tokenizer):
     """With a grammar that fixes most of the text, the engine takes forced tokens without computing masks:
     far fewer mask computations than tokens, the same valid output as without fast-forward."""

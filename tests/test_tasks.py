@@ -1,4 +1,5 @@
 import json
+import re
 
 import jsonschema
 import pytest
@@ -157,13 +158,25 @@ def test_spelling_counts_and_spells_real_words():
         if e.meta["kind"] == "count":
             letter = e.messages[0]["content"].split("'")[1]
             assert int(e.answer) == e.meta["word"].count(letter)
-            assert e.reference().startswith(",".join(e.meta["word"]) + "\n")
+            # the spelling with a running tally of the asked letter, whose last mark is the answer
+            tallied = e.reference().split("\n")[0]
+            assert re.sub(r"=\d+", "", tallied) == ",".join(e.meta["word"])
+            marks = [int(part.split("=")[1]) for part in tallied.split(",") if "=" in part]
+            assert marks == list(range(1, int(e.answer) + 1))
+        else:
+            assert e.reference() == e.answer == ",".join(e.meta["word"])
+            assert m.check(e, e.reference()) == 1.0 and m.check(e, "k,i,n,g") == 0.0
+    assert m.tally("boldness", "s") == "b,o,l,d,n,e,s=1,s=2" and m.tally("king", "q") == "k,i,n,g"
     assert m.extract("Answer: g, e, n") == "g,e,n"
     # no constant answer is right on most counting questions
     from collections import Counter
 
-    answers = Counter(min(int(e.answer), 2) for e in m.generate("test", 300, seed=1) if e.meta["kind"] == "count")
-    assert set(answers) == {0, 1, 2} and max(answers.values()) < 0.45 * sum(answers.values())
+    for n in (40, 300):
+        exs = m.generate("test", n, seed=1)
+        answers = Counter(min(int(e.answer), 2) for e in exs if e.meta["kind"] == "count")
+        assert set(answers) == {0, 1, 2} and max(answers.values()) - min(answers.values()) <= 1, answers
+        assert abs(sum(e.meta["kind"] == "spell" for e in exs) - 0.3 * n) <= 1
+        assert len(exs) == n
 
 
 def test_extraction_answers_validate_against_schema():

@@ -19,7 +19,9 @@ holds back a tail that could still become a stop string, so the deltas always co
 
 Hooks (`LogitsHook`) see and may change each step's logits and learn which token each row took: constrained
 decoding, base-model mixing and similar ideas plug in here without touching the loop. A hook may also define
-`begin(prompts, n)` to see the prompt ids first (a hook that runs a model of its own prefills from them).
+`begin(prompts, n)` to see the prompt ids first (a hook that runs a model of its own prefills from them), and
+`prefetch(rows)`, called before each decode forward pass with the rows it will process, to start work that
+needs only the tokens so far (a grammar's next masks) while the model runs.
 `Session` keeps one sequence's cache across calls, so a chat never re-prefills its history.
 
 The context is the model's trained `seq_len` unless `context=` asks for more (up to the 4x its RoPE tables
@@ -231,6 +233,7 @@ class Engine:
         ff_hooks = [h for h in hooks if hasattr(h, "forced_tokens")]
         fast_forward = (self.fast_forward and bool(hooks) and len(ff_hooks) == len(hooks)
                         and not params.logprobs)
+        prefetch_hooks = [h for h in hooks if hasattr(h, "prefetch")]
 
         def take(r: int, t: int, lp: float | None, events: list) -> bool:
             """Add token t to row r; False when the row is finished by it (its last event is queued)."""
@@ -304,6 +307,8 @@ class Engine:
                 cache.select(sel)
                 active, next_pos = active[sel], next_pos[sel]
                 active_list = [active_list[k] for k in keep]
+            for h in prefetch_hooks:      # e.g. a grammar's next masks, computed while the model runs
+                h.prefetch(active)
             width = max(len(ch) for ch in chunks)
             if cache.pos + width > cache.max_len:   # earlier fast-forward steps used columns beyond the plan
                 cache.grow(max(cache.pos + width - cache.max_len, 32))
@@ -501,6 +506,10 @@ class Session:
                     alive = take(f)
                     if not alive:
                         break
+            if alive:
+                for h in hooks:
+                    if hasattr(h, "prefetch"):
+                        h.prefetch(rows)
             self.append(chunk)   # the stop token too: the next turn follows it
             if not alive:
                 break
