@@ -18,9 +18,9 @@ STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grp
               "ppo_task": "ppo_task", "dpo": "dpo",
               "distill": "distill"}
 VOTE_TASKS = ["arithmetic_cot"]
-# The task the pipeline's RL stages train on, measured on 10x the per-task examples: RL moves accuracy by a
+# The task the pipeline's RL stages train on (pipeline.RL_TASK), measured on 10x the per-task examples: RL moves accuracy by a
 # few points, and at 40 problems the standard error is ~8 points (at 400, ~2.5)
-RL_TARGET_TASK, RL_TARGET_SCALE = "arithmetic_cot", 10
+RL_TARGET_SCALE = 10
 DIVERSITY_TASKS = ["greetings", "shakespeare"]
 
 
@@ -84,10 +84,12 @@ def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int
     if stage != "base":
         out["retrieval"] = _retrieval(model, tok, n_examples, seed)
         out["alignment"] = _alignment(model, tok, root, n_examples, seed)
+        from ..pipeline import RL_TASK
+
         n_rl = RL_TARGET_SCALE * n_examples
-        rl = evaluate_tasks(model, tok, RL_TARGET_TASK, n_rl, modes=("greedy", "sample"), seed=seed,
-                            temperature=1.0, samples=2)["tasks"][RL_TARGET_TASK]
-        out["rl_target"] = {"task": RL_TARGET_TASK, "n": n_rl, "greedy": rl["greedy"], "sample": rl["sample"],
+        rl = evaluate_tasks(model, tok, RL_TASK, n_rl, modes=("greedy", "sample"), seed=seed,
+                            temperature=1.0, samples=2)["tasks"][RL_TASK]
+        out["rl_target"] = {"task": RL_TASK, "n": n_rl, "greedy": rl["greedy"], "sample": rl["sample"],
                             "temperature": 1.0, "samples": 2}
     out["diversity"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed, max_tokens=48)
     if stage != "base" and (root / "base" / "model.safetensors").exists():
