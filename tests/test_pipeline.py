@@ -7,6 +7,7 @@ import time
 import pytest
 
 from gptstack.cli import main
+from gptstack.pipeline import RL_TASK
 
 
 @pytest.mark.slow
@@ -30,7 +31,7 @@ def test_micro_pipeline_runs_every_stage_and_reuses_them(tmp_path, monkeypatch):
             r = result["retrieval"]
             assert r["k"] == 1 and 0 <= r["accuracy_without"] <= 1 and r["retrieval_recall"] > 0.5
             t = result["rl_target"]
-            assert t["task"] == "arithmetic_cot" and t["n"] == 30 and 0 <= t["greedy"] <= 1 and 0 <= t["sample"] <= 1
+            assert t["task"] == RL_TASK and t["n"] == 30 and 0 <= t["greedy"] <= 1 and 0 <= t["sample"] <= 1
             a = result["alignment"]
             assert a["entropy"] > 0 and (a["kl_to_sft"] == pytest.approx(0, abs=1e-4) if stage == "sft"
                                          else a["kl_to_sft"] is not None)
