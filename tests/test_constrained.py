@@ -89,6 +89,12 @@ def test_mask_is_exact(engine, tok):
     logits = hook.process(torch.zeros(1, tok.vocab_size), torch.tensor([0]))
     allowed = [tok.decode([i]) for i in torch.isfinite(logits[0]).nonzero().flatten().tolist()]
     assert allowed and all('"alpha"'.startswith(a) or '"beta"'.startswith(a) for a in allowed)
+    # a model whose vocabulary is padded past the tokenizer's: the padding rows are never allowed, and a
+    # prefetched mask (computed on the worker thread) is the same mask
+    hook.start(1)
+    hook.prefetch(torch.tensor([0]))
+    wide = hook.process(torch.zeros(1, tok.vocab_size + 8), torch.tensor([0]))
+    assert torch.equal(wide[:, :tok.vocab_size], logits) and torch.isinf(wide[0, tok.vocab_size:]).all()
 
 
 @pytest.mark.parametrize("kw", [
