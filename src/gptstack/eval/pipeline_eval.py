@@ -18,8 +18,8 @@ STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grp
               "ppo_task": "ppo_task", "dpo": "dpo",
               "distill": "distill"}
 VOTE_TASKS = ["arithmetic_cot"]
-# The task the pipeline's RL stages train on (pipeline.RL_TASK), measured on 10x the per-task examples: RL moves accuracy by a
-# few points, and at 40 problems the standard error is ~8 points (at 400, ~2.5)
+# The task the pipeline's RL stages train on (pipeline.RL_TASK) is measured on 10x the per-task examples: RL
+# moves accuracy by a few points, and at 40 problems the standard error is ~8 points (at 400, ~2.5)
 RL_TARGET_SCALE = 10
 DIVERSITY_TASKS = ["greetings", "shakespeare"]
 
