@@ -7,7 +7,7 @@ import time
 import pytest
 
 from gptstack.cli import main
-from gptstack.pipeline import RL_TASK
+from gptstack.pipeline import PIPELINE_PRESETS, RL_TASK
 
 
 @pytest.mark.slow
@@ -51,3 +51,12 @@ def test_pipeline_rejects_unknown_stage_and_preset(tmp_path, capsys):
     assert "unknown stage" in capsys.readouterr().err
     assert main(["pipeline", "--preset", "huge", "--out", str(tmp_path / "r")]) == 2
     assert "unknown preset" in capsys.readouterr().err
+
+
+def test_every_preset_trains_its_task_reward_rl_stages_on_the_evaluated_rl_task():
+    """The evaluation scores RL_TASK on 10x the examples as "the RL stages' own task": GRPO and PPO with the
+    task reward must train on exactly that task in every preset, or the report's column would mislead."""
+    for preset, flags in PIPELINE_PRESETS.items():
+        for stage in ("grpo", "ppo_task"):
+            argv = flags[stage]
+            assert argv[argv.index("--tasks") + 1] == RL_TASK, (preset, stage)

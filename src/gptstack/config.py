@@ -154,8 +154,9 @@ def resolve_dtype(name: str, device: "torch.device", training: bool = False) -> 
 
     "auto": bf16 on GPUs that support it; for *training* also on CPUs with native bf16 dot products
     (avx512_bf16 / AMX): on a 2-core Zen 4 a d4 training step is 1.29x faster than fp32
-    (bench/train_throughput.py --dtype bf16: 4,736 vs 3,667 tok/s). Generation on CPU stays fp32: one-token decode steps are bound by reading the weights,
-    and autocast re-casts them every step (measured 207 vs 246 tok/s at batch 1)."""
+    (bench/train_throughput.py --dtype bf16: 4,736 vs 3,667 tok/s). Generation on CPU stays fp32: one-token
+    decode steps are bound by reading the weights, and autocast re-casts them every step (measured 207 vs 246
+    tok/s at batch 1)."""
     import torch
 
     if name == "auto":

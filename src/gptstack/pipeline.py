@@ -1,14 +1,14 @@
 """The main job: one command runs every stage and writes a report that measures the field's claims.
 
     tokenizer -> pretrain -> SFT (full) -> SFT (LoRA) -> preference sampling -> reward model
-              -> RL (GRPO, task reward) -> RL (PPO, reward model) -> DPO
+              -> RL (GRPO, task reward) -> RL (PPO, reward model) -> RL (PPO, task reward) -> DPO
               -> on-policy distillation (the LoRA model as student, the full SFT model as teacher)
               -> evaluation -> report
 
 Each stage is the same library call a user makes through the CLI (the pipeline literally runs the CLI's
 commands in-process), writes under RUN_ROOT, and is skipped when its finished output exists, so an
 interrupted pipeline resumes where it stopped (a half-finished training stage continues with --resume).
-Budgets are wall-clock minutes per stage, so the tiny preset fits ~15 minutes on a 2-core CPU whatever
+Budgets are wall-clock minutes per stage, so the tiny preset takes ~21 minutes on a 2-core CPU whatever
 the machine's speed; GPU presets scale the same stages by token budgets instead.
 """
 
@@ -24,7 +24,8 @@ from .errors import ConfigError, GptstackError
 # stage names are the names of their outputs under RUN_ROOT (base/, prefs.jsonl, rm/, ...)
 STAGES = ["base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill", "eval", "report"]
 
-# the task the RL stages train on with the task reward (and the evaluation scores on 10x the examples)
+# the task the RL stages train on with the task reward, in every preset (the evaluation scores it on 10x the
+# examples as the RL stages' own task)
 RL_TASK = "arithmetic_direct"
 LORA_WITH_HEAD = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head"
 # Weights are in examples; by tokens this is CoT arithmetic 26%, direct 23% (its examples are short), facts 23%,
@@ -86,9 +87,9 @@ PIPELINE_PRESETS: dict[str, dict[str, list[str]]] = {
         "sft_lora": ["--lora", "--steps", "1500"],
         "prefs": ["--samples-per-prompt", "8", "--n-prompts", "256"],
         "rm": ["--steps", "500"],
-        "grpo": ["--algo", "grpo", "--reward", "task", "--steps", "300"],
+        "grpo": ["--algo", "grpo", "--reward", "task", "--tasks", RL_TASK, "--steps", "300"],
         "ppo": ["--algo", "ppo", "--steps", "300"],
-        "ppo_task": ["--algo", "ppo", "--steps", "300"],
+        "ppo_task": ["--algo", "ppo", "--tasks", RL_TASK, "--steps", "300"],
         "dpo": ["--steps", "500"],
         "distill": ["--mode", "onpolicy", "--steps", "300"],
         "eval": ["--n-examples", "200"],
@@ -103,11 +104,11 @@ PIPELINE_PRESETS["micro"] = {
     "sft_lora": ["--lora", "--minutes", "0", "--steps", "3", "--examples-per-task", "50", "--val-conversations", "20"],
     "prefs": ["--tasks", "spelling", "--samples-per-prompt", "4", "--n-prompts", "16", "--max-new-tokens", "12"],
     "rm": ["--minutes", "0", "--steps", "3"],
-    "grpo": ["--algo", "grpo", "--reward", "task", "--minutes", "0", "--steps", "2", "--n-prompts", "4",
-             "--samples", "4", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
+    "grpo": ["--algo", "grpo", "--reward", "task", "--tasks", RL_TASK, "--minutes", "0", "--steps", "2",
+             "--n-prompts", "4", "--samples", "4", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
     "ppo": ["--algo", "ppo", "--minutes", "0", "--steps", "2", "--n-prompts", "4", "--samples", "2",
             "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
-    "ppo_task": ["--algo", "ppo", "--tasks", "spelling", "--minutes", "0", "--steps", "2", "--n-prompts", "4",
+    "ppo_task": ["--algo", "ppo", "--tasks", RL_TASK, "--minutes", "0", "--steps", "2", "--n-prompts", "4",
                  "--samples", "2", "--max-new-tokens", "12", "--eval-examples", "4", "--train-examples", "32"],
     "dpo": ["--minutes", "0", "--steps", "3"],
     "distill": ["--mode", "onpolicy", "--minutes", "0", "--steps", "2", "--n-prompts", "2", "--samples", "2",
@@ -157,9 +158,9 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
     record.update({"preset": cfg.preset, "corpus": cfg.corpus})
     record.setdefault("stages", {})
-    paths = {"base": root / "base", "sft": root / "sft", "sft_lora": root / "sft_lora", "prefs": root / "prefs.jsonl",
-             "rm": root / "rm", "grpo": root / "grpo", "ppo": root / "ppo", "ppo_task": root / "ppo_task", "dpo": root / "dpo",
-             "distill": root / "distill"}
+    paths = {name: root / name for name in ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "ppo_task", "dpo",
+                                            "distill")}
+    paths["prefs"] = root / "prefs.jsonl"
 
     def train_stage(name: str, out: Path, argv: list[str]) -> None:
         if _finished(out):

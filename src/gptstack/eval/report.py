@@ -33,7 +33,7 @@ from pathlib import Path
 from ..errors import DataError
 
 RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill")
-POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "ppo_task", "dpo", "distill")       # the models evaluated on tasks
+POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "ppo_task", "dpo", "distill")  # evaluated on tasks
 PIPELINE_ORDER = ("tokenizer", "base", "sft", "sft_lora", "prefs", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill",
                   "eval", "report")
 LABELS = {"tokenizer": "Tokenizer", "base": "Base (pretrain)", "sft": "SFT", "sft_lora": "SFT · LoRA",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from typing import Sequence
 
 import numpy as np
@@ -146,8 +147,6 @@ class GrammarHook:
 
     def _compute(self, row_list: list[int]) -> torch.Tensor:
         """The rows' masks, as a (rows, vocab) bool tensor that is True where a token is NOT allowed."""
-        import time
-
         t0 = time.perf_counter()
         mask = self.bitmask[:len(row_list)]
         if len(row_list) == 1:
@@ -176,8 +175,6 @@ class GrammarHook:
             self._pending = None
 
     def process(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        import time
-
         t0 = time.perf_counter()
         row_list = rows.tolist()
         pending, self._pending = self._pending, None
