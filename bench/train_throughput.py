@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile our model")
     args = ap.parse_args()
 
-    from gptstack.config import autocast, resolve_device, resolve_dtype
+    from gptstack.devices import autocast, resolve_device, resolve_dtype
 
     device = resolve_device("auto")
     amp = resolve_dtype(args.dtype, device)

@@ -108,22 +108,30 @@ def test_tokenizer_model_mismatch(tmp_path, tiny_config, tiny_tokenizer):
         load_model(run)
 
 
-def test_auto_dtype_trains_in_bf16_only_on_cpus_with_native_bf16(monkeypatch):
-    """--dtype auto: bf16 autocast for training where the CPU multiplies bf16 natively, never for generation
-    on CPU; GPTSTACK_CPU_BF16 overrides the detection; explicit dtypes are taken as given."""
-    from gptstack import config
+def test_auto_dtype_trains_in_bf16_only_where_bf16_matmuls_are_fast(monkeypatch):
+    """--dtype auto: bf16 autocast for training where the probe finds bf16 matmuls fast, never for generation
+    on CPU; GPTSTACK_CPU_BF16 overrides the probe; explicit dtypes are taken as given."""
+    from gptstack import devices
 
     cpu = torch.device("cpu")
-    try:
-        for env, want in (("1", torch.bfloat16), ("0", None)):
-            monkeypatch.setenv("GPTSTACK_CPU_BF16", env)
-            config.cpu_has_native_bf16.cache_clear()
-            assert config.resolve_dtype("auto", cpu, training=True) == want
-            assert config.resolve_dtype("auto", cpu) is None
-            assert config.resolve_dtype("fp32", cpu, training=True) is None
-            assert config.resolve_dtype("bf16", cpu) == torch.bfloat16
-        with pytest.raises(ConfigError):
-            config.resolve_dtype("fp8", cpu)
-    finally:
-        monkeypatch.delenv("GPTSTACK_CPU_BF16")
-        config.cpu_has_native_bf16.cache_clear()
+    for env, want in (("1", torch.bfloat16), ("0", None)):
+        monkeypatch.setenv("GPTSTACK_CPU_BF16", env)
+        assert devices.resolve_dtype("auto", cpu, training=True) == want
+        assert devices.resolve_dtype("auto", cpu) is None
+        assert devices.resolve_dtype("fp32", cpu, training=True) is None
+        assert devices.resolve_dtype("bf16", cpu) == torch.bfloat16
+        assert devices.matmul_dtype(cpu) == (want or torch.float32)
+    with pytest.raises(ConfigError):
+        devices.resolve_dtype("fp8", cpu)
+
+
+def test_bf16_probe_measures_this_cpu(monkeypatch):
+    """Without an override the decision is the probe's: a real timing of both dtypes, consistent with it."""
+    from gptstack import devices
+
+    monkeypatch.delenv("GPTSTACK_CPU_BF16", raising=False)
+    probe = devices.bf16_probe("cpu")
+    assert probe["fp32_ms"] > 0 and probe["bf16_ms"] > 0
+    assert devices.bf16_is_fast("cpu") == (probe["bf16_over_fp32"] <= devices.FAST_BF16_RATIO)
+    want = torch.bfloat16 if devices.bf16_is_fast("cpu") else None
+    assert devices.resolve_dtype("auto", torch.device("cpu"), training=True) == want

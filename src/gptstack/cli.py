@@ -131,7 +131,7 @@ def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.8) -> 
 
 
 def cmd_sample(args) -> None:
-    from .config import resolve_device
+    from .devices import resolve_device
     from .errors import PromptError
     from .infer.engine import Engine
     from .model.quant import load_quantized
@@ -151,7 +151,7 @@ def cmd_sample(args) -> None:
 
 
 def cmd_bpb(args) -> None:
-    from .config import resolve_device
+    from .devices import resolve_device
     from .eval.bpb import bpb_of_texts, read_texts
     from .train.checkpoint import load_model
 
@@ -189,7 +189,7 @@ def cmd_merge(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .config import resolve_device
+    from .devices import resolve_device
     from .eval.tasks import evaluate_tasks, format_table
     from .train.checkpoint import load_model
 
@@ -332,7 +332,7 @@ def cmd_distill(args) -> None:
 
 def cmd_align_eval(args) -> None:
     """Held-out greedy accuracy, mean policy entropy and KL to a reference for each run: the alignment table."""
-    from .config import resolve_device
+    from .devices import resolve_device
     from .train.checkpoint import load_model
     from .train.rl import evaluate_policy, task_examples
 
@@ -398,7 +398,7 @@ def register_align_commands(sub) -> None:
 
 def _load_engine(args):
     """Model (optionally quantized), tokenizer and engine for chat/generate."""
-    from .config import resolve_device
+    from .devices import resolve_device
     from .infer.engine import Engine
     from .model.quant import load_quantized
 
@@ -806,6 +806,10 @@ def build_parser() -> argparse.ArgumentParser:
     register_align_commands(sub)
     register_infer_commands(sub)
     register_pipeline_commands(sub)
+    for command in sub.choices.values():   # one flag, every command (threads are per process)
+        command.add_argument("--threads", type=int, default=None, metavar="N",
+                             help="torch threads (default: one per core, or $GPTSTACK_THREADS); fewer when other "
+                                  "processes share the cores, which otherwise slows steps several times")
     return parser
 
 
@@ -813,6 +817,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if args.threads is not None or os.environ.get("GPTSTACK_THREADS"):
+            from .devices import set_threads
+
+            set_threads(args.threads or 0)
         args.func(args)
     except GptstackError as e:
         print(f"gptstack {args.command}: error: {e}", file=sys.stderr)

@@ -13,8 +13,6 @@ Each value stays overridable by its own flag.
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import math
 import os
 from dataclasses import asdict, dataclass, fields, replace
@@ -129,73 +127,6 @@ def apply_preset(cfg, preset: str, explicit: set[str] = frozenset()):
         raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     names = {f.name for f in fields(cfg)}
     return replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k in names and k not in explicit})
-
-
-# ---- devices and precision: decided here and nowhere else ------------------------------------------------
-
-def resolve_device(name: str = "auto") -> "torch.device":
-    import torch
-
-    if name == "auto":
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device("cuda", local)
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
-
-
-def resolve_dtype(name: str, device: "torch.device", training: bool = False) -> "torch.dtype | None":
-    """The autocast dtype, or None for plain fp32.
-
-    "auto": bf16 on GPUs that support it; for *training* also on CPUs with native bf16 dot products
-    (avx512_bf16 / AMX): on a 2-core Zen 4 a d4 training step is 1.29x faster than fp32
-    (bench/train_throughput.py --dtype bf16: 4,736 vs 3,667 tok/s). Generation on CPU stays fp32: one-token
-    decode steps are bound by reading the weights, and autocast re-casts them every step (measured 207 vs 246
-    tok/s at batch 1)."""
-    import torch
-
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if training and device.type == "cpu" and cpu_has_native_bf16():
-            return torch.bfloat16
-        return None
-    table = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-             "fp16": torch.float16, "float16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"unknown dtype {name!r} (use auto, fp32, bf16 or fp16)")
-    return table[name]
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (x86 avx512_bf16 or AMX); False where it cannot tell.
-    GPTSTACK_CPU_BF16=0/1 overrides (e.g. to compare fp32 and bf16 training on the same machine)."""
-    env = os.environ.get("GPTSTACK_CPU_BF16")
-    if env in ("0", "1"):
-        return env == "1"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
-def autocast(device: "torch.device", dtype: "torch.dtype | None"):
-    import torch
-
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def config_to_dict(cfg) -> dict:

@@ -37,7 +37,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
-from ..config import autocast, resolve_dtype
+from ..devices import autocast, resolve_dtype
 from ..errors import ConfigError, PromptError
 from ..model.gpt import KVCache
 from .sampling import SamplingParams, sample_next

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, resolve_device
+from ..config import TrainConfig
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import response_logprobs
 from .checkpoint import load_model

@@ -14,7 +14,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..config import TrainConfig, resolve_device
+from ..config import TrainConfig
+from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model.heads import response_logprobs
 from .losses import dpo_loss

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
+from ..config import TrainConfig, config_to_dict
+from ..devices import autocast, busy_cores, contention_notice, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from .checkpoint import atomic_write_bytes, atomic_write_json, load_weights, new_checkpoint_id, save_weights, unwrap
 from .optim import build_optimizers, lr_multiplier, set_lr
@@ -225,6 +226,14 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
         raise CheckpointError(f"cannot resume: '{out}' has no trainer_state.json")
     device = resolve_device(cfg.device)
     amp_dtype = resolve_dtype(cfg.dtype, device, training=True)
+    # what a figure from this run needs to be reproduced: the machine, its threads and the chosen precision
+    machine = machine_info(device, amp_dtype, matmul_dtype(device) if cfg.optimizer == "muon" else None)
+    if device.type == "cpu":
+        machine["busy_cores_at_start"] = round(busy_cores(), 2)
+        notice = contention_notice(machine["threads"])
+        if notice and is_main:
+            print(notice, flush=True)
+    stage.run_config["machine"] = machine
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
@@ -375,6 +384,12 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     bar.close()
     seconds = elapsed_before + time.time() - t0
     last["train_seconds"] = round(seconds, 2)
+    last["tok_per_s_mean"] = round(tokens_seen / max(seconds, 1e-9), 1)
+    # throughput per stage, beside the machine it was measured on (the report compares it with the preset's plan)
+    stage.run_config["throughput"] = {
+        "steps": step, "tokens": tokens_seen, "seconds": round(seconds, 2),
+        "tok_per_s": last["tok_per_s_mean"], "steps_per_minute": round(60 * step / max(seconds, 1e-9), 2),
+        "budget": {"steps": cfg.steps, "minutes": cfg.minutes}}
     save_checkpoint(stage, model, optimizers, out, state_now(not interrupted), is_main)
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait until rank 0's checkpoint is on disk

@@ -1,7 +1,7 @@
 """Parameter groups, optimizers and learning-rate schedules.
 
-optimizer="muon" (the default, as in modded-nanogpt and nanochat): torch.optim.Muon for the 2-D hidden
-matrices of the Transformer blocks, AdamW for everything else (embeddings, head, norm gains, LoRA factors,
+optimizer="muon" (the default, as in modded-nanogpt and nanochat): Muon (train/muon.py: torch.optim.Muon's
+update, orthogonalised in the precision this device is fast in) for the 2-D hidden matrices of the blocks, AdamW for everything else (embeddings, head, norm gains, LoRA factors,
 scalar heads). optimizer="adamw": AdamW for all. Each group records its `initial_lr`; the schedule scales it.
 """
 
@@ -12,6 +12,8 @@ import math
 import torch
 
 from ..config import TrainConfig
+from ..devices import matmul_dtype
+from .muon import Muon
 
 
 def _is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
@@ -46,10 +48,9 @@ def build_optimizers(model: torch.nn.Module, cfg: TrainConfig, n_embd: int) -> l
         if adam_groups:
             optimizers.append(torch.optim.AdamW(adam_groups, betas=betas, eps=1e-10, weight_decay=0.0, **fused))
         if matrices:
-            optimizers.append(torch.optim.Muon([{"params": matrices, "lr": cfg.matrix_lr,
-                                                 "initial_lr": cfg.matrix_lr}],
-                                               weight_decay=cfg.weight_decay, momentum=0.95,
-                                               ))
+            optimizers.append(Muon([{"params": matrices, "lr": cfg.matrix_lr, "initial_lr": cfg.matrix_lr}],
+                                   weight_decay=cfg.weight_decay, momentum=0.95,
+                                   ns_dtype=matmul_dtype(matrices[0].device)))
     else:
         decay = [p for n, p in named if p.ndim >= 2]
         no_decay = [p for n, p in named if p.ndim < 2]

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict, resolve_device
+from ..config import TrainConfig, config_to_dict
+from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.heads import RewardModel, ScalarHead, core_gpt, load_head, right_pad, save_head
 from .checkpoint import read_config

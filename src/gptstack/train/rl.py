@@ -25,7 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, autocast, config_to_dict, resolve_device, resolve_dtype
+from ..config import TrainConfig, config_to_dict
+from ..devices import autocast, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import PolicyWithValue, core_gpt, load_head, response_logprobs, right_pad, save_head
 from .checkpoint import load_model, load_weights, read_config, save_weights

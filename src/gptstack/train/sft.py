@@ -205,7 +205,7 @@ def load_parent(run_dir: str | Path, device):
 
 
 def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
-    from ..config import resolve_device
+    from ..devices import resolve_device
     from ..data.chat import ChatBatches, encode_conversations
     from .loop import Stage, distributed_context, train
 

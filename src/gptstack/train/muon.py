@@ -1,0 +1,94 @@
+"""Muon (momentum orthogonalised by Newton-Schulz) for the hidden matrices, in the precision the device is fast in.
+
+The update is torch.optim.Muon's (torch 2.13, after Keller Jordan's Muon): an EMA momentum buffer, a Nesterov
+look-ahead, five quintic Newton-Schulz iterations with coefficients (3.4445, -4.7750, 2.0315) that push every
+singular value of the update towards 1, decoupled weight decay, and the lr scaled by sqrt(max(1, rows/cols)).
+The parameter-group keys and the per-parameter state ("momentum_buffer") are torch's too, so optimizer.pt
+files written with torch.optim.Muon resume here.
+
+What differs, and why:
+- The iteration runs in `ns_dtype`. torch's always casts to bf16; that is the right choice on GPUs and on
+  CPUs with native bf16, and a 20x cliff on CPUs without it (devices.py has the measurement). The optimizer
+  builder passes devices.matmul_dtype(device).
+- Matrices of the same shape are orthogonalised together as one batched product (a Transformer has a handful
+  of shapes), which saves per-matrix dispatch on small models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def orthogonalise(updates: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, eps: float = 1e-7) -> torch.Tensor:
+    """Approximately U V^T for each matrix of `updates` (n, rows, cols), computed in `dtype`: the quintic
+    iteration X <- aX + (bA + cA^2) X with A = X X^T, after scaling each X to spectral norm <= 1 (Frobenius)."""
+    a, b, c = coefficients
+    x = updates.to(dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:   # iterate on the wide orientation: the Gram matrix is then the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = b * gram + c * (gram @ gram)
+        x = a * x + poly @ x
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
+                 eps: float = 1e-7, adjust_lr_fn: str | None = None):
+        if lr < 0 or momentum < 0 or weight_decay < 0:
+            raise ValueError("Muon needs lr, momentum and weight_decay >= 0")
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                        ns_coefficients=NS_COEFFICIENTS, eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.ndim != 2:
+                    raise ValueError(f"Muon takes 2-D matrices only; got a parameter of shape {tuple(p.shape)}")
+        # not a group key: optimizer.pt files stay interchangeable with torch.optim.Muon's
+        self.ns_dtype = ns_dtype
+
+    @staticmethod
+    def _lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+        rows, cols = shape
+        if adjust_lr_fn == "match_rms_adamw":
+            return 0.2 * math.sqrt(max(rows, cols))
+        return math.sqrt(max(1.0, rows / cols))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            by_shape: dict[tuple, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+            for (shape, _), items in by_shape.items():
+                ortho = orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype,
+                                      tuple(group["ns_coefficients"]), group["eps"])
+                scaled_lr = lr * self._lr_scale(torch.Size(shape), group["adjust_lr_fn"])
+                for (p, _), o in zip(items, ortho):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(o.to(p.dtype), alpha=-scaled_lr)
+        return loss
