@@ -5,7 +5,8 @@ VENV   ?= .venv
 PYTHON ?= python3
 TORCH  ?= torch==2.13.0
 PRESET ?= tiny
-OUT    ?= runs/$(PRESET)
+BUDGET ?= minutes
+OUT    ?= runs/$(PRESET)$(if $(filter steps,$(BUDGET)),-steps,)
 BIN     = $(VENV)/bin
 
 .PHONY: venv run test test-fast bench browser clean
@@ -19,9 +20,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e ".[all]"
 	touch $@
 
-# The main job: the whole pipeline on the embedded Shakespeare corpus.
+# The main job: the whole pipeline on the embedded Shakespeare corpus. BUDGET=steps trains every stage on a
+# fixed amount of work (the same assistant on any machine) instead of fixed minutes.
 run: venv
-	$(BIN)/gptstack pipeline --preset $(PRESET) --out $(OUT)
+	$(BIN)/gptstack pipeline --preset $(PRESET) --budget $(BUDGET) --out $(OUT)
 
 # The test suite (the report test drives a real headless Chromium, installed here if missing).
 test: venv browser

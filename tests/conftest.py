@@ -14,6 +14,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GPTSTACK_HOME", str(REPO / ".cache" / "test-home"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fixed thread count: training would otherwise fit its threads to the free cores at each start, and tests that
+# compare two in-process runs bit for bit must not see the count change between them (test_devices covers it).
+os.environ.setdefault("GPTSTACK_THREADS", str(os.cpu_count() or 1))
 
 WORDS = ("the king queen lord lady love death night day sword crown heart blood fair sweet good noble "
          "speak hear see come go thou thee thy art hath doth shall will would should must may").split()

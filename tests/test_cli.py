@@ -114,3 +114,20 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, corpus_dir):
     a, b = losses(tmp_path / "ddp"), losses(tmp_path / "one")
     assert len(a) == len(b) == 4
     assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
+
+
+def test_threads_flag_on_every_command():
+    """--threads is offered by every command and sets torch's thread count for the process."""
+    import torch
+
+    from gptstack.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        assert any("--threads" in a.option_strings for a in p._actions), name
+    before = torch.get_num_threads()
+    try:
+        assert main(["tasks", "list", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

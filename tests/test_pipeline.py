@@ -60,3 +60,35 @@ def test_every_preset_trains_its_task_reward_rl_stages_on_the_evaluated_rl_task(
         for stage in ("grpo", "ppo_task"):
             argv = flags[stage]
             assert argv[argv.index("--tasks") + 1] == RL_TASK, (preset, stage)
+
+
+def test_fixed_work_budget_gives_every_time_budgeted_stage_steps():
+    """--budget steps: each stage the preset gives minutes gets its FIXED_WORK_STEPS instead (the last flag
+    wins in argparse), so the work does not depend on the machine; --budget minutes leaves the preset as is."""
+    import argparse
+
+    from gptstack.pipeline import FIXED_WORK_STEPS, stage_flags
+
+    minutes, steps = stage_flags("tiny", "minutes"), stage_flags("tiny", "steps")
+    assert minutes == PIPELINE_PRESETS["tiny"]
+    for name, flags in PIPELINE_PRESETS["tiny"].items():
+        if "--minutes" in flags and float(flags[flags.index("--minutes") + 1]) > 0:
+            assert name in FIXED_WORK_STEPS["tiny"], f"{name} is time-budgeted but has no fixed-work steps"
+    for name, n in FIXED_WORK_STEPS["tiny"].items():
+        p = argparse.ArgumentParser()
+        p.add_argument("--minutes", type=float)
+        p.add_argument("--steps", type=int)
+        args, _ = p.parse_known_args(steps[name])
+        assert args.steps == n and args.minutes == 0, name
+    assert stage_flags("micro", "steps") == PIPELINE_PRESETS["micro"]   # already fixed work
+
+
+def test_pipeline_budget_is_checked_and_not_mixed(tmp_path, capsys):
+    root = tmp_path / "r"
+    assert main(["pipeline", "--budget", "hours", "--out", str(root)]) == 2
+    assert "--budget must be one of minutes, steps" in capsys.readouterr().err
+    root.mkdir()
+    (root / "pipeline.json").write_text(json.dumps({"budget": "minutes", "stages": {"base": {"status": "done"}}}))
+    assert main(["pipeline", "--budget", "steps", "--out", str(root), "--only", "report"]) == 2
+    err = capsys.readouterr().err
+    assert "made with --budget minutes" in err and "\n" not in err.strip()

@@ -52,6 +52,12 @@ def _div(quality, entropy, d2, bleu):
             "embedding_similarity": bleu * 0.9 + 0.1, "entropy": entropy, "quality": quality, "n_prompts": 8, "k": 4}
 
 
+MACHINE = {"cpu": {"model": "AMD EPYC 7B13", "arch": "x86_64", "cores": 2, "flags": ["avx2", "fma"]},
+           "device": "cpu", "threads": 2, "torch": "2.13.0+cpu", "autocast": "fp32", "optimizer_matmul": "float32",
+           "bf16_probe": {"bf16_over_fp32": 50.1, "fp32_ms": 1.0, "bf16_ms": 50.1, "fast": False},
+           "busy_cores_at_start": 1.2}
+
+
 def make_run_root(root: Path) -> Path:
     model = {"vocab_size": 8192, "n_layer": 4, "n_embd": 256, "n_head": 4, "n_kv_head": 4, "mlp_hidden": 704,
              "seq_len": 256}
@@ -61,7 +67,9 @@ def make_run_root(root: Path) -> Path:
                [{"step": s, "tokens": s * 8192, "val_loss": 3.2 + 6 * math.exp(-s / 12),
                  "val_bpb": 1.5 + 2.5 * math.exp(-s / 12)} for s in (20, 40, 60)],
                {"val_bpb": 1.5 + 2.5 * math.exp(-5), "val_loss": 3.25}, 361.0,
-               {"kind": "lm", "model": model, "data": {"train_tokens": 1_200_000}})
+               {"kind": "lm", "model": model, "data": {"train_tokens": 1_200_000}, "machine": MACHINE,
+                "throughput": {"steps": 60, "tokens": 60 * 8192, "seconds": 300.0, "tok_per_s": 1638.4,
+                               "steps_per_minute": 12.0, "budget": {"steps": 0, "minutes": 5.0}}})
     for name, scale in (("sft", 1.0), ("sft_lora", 1.3)):
         _write_run(root / name, _train(40, loss=lambda s, k=scale: k * (1 + 2 * math.exp(-s / 8))),
                    [{"step": s, "tokens": s * 8192, "val_loss": scale * (1.1 + 2 * math.exp(-s / 8))} for s in (20, 40)],
@@ -101,6 +109,8 @@ def make_run_root(root: Path) -> Path:
               "grpo": 245.0, "dpo": 95.0, "eval": 180.0}
     pipeline = {"preset": "tiny", "stages": {k: {"seconds": v, "status": "done"} for k, v in stages.items()}}
     pipeline["stages"]["ppo"] = {"seconds": 0.0, "status": "skipped"}
+    pipeline["stages"]["base"]["expected_steps"] = 166   # 60 reached in 5 minutes: a low-throughput warning
+    pipeline["stages"]["sft"]["expected_steps"] = 40     # reached: none
     (root / "pipeline.json").write_text(json.dumps(pipeline))
     return root
 
@@ -133,6 +143,20 @@ def test_report_files_and_numbers(report):
     assert "| SFT |" in md and "report_files/accuracy.png" in md and "35.0%" in md
     assert "Retrieval vs memory" in md and "71.0%" in md
     assert "KL to SFT" in md and "1.234" in md
+    assert "## Machine & throughput" in md and "AMD EPYC 7B13" in md and "fp32 used" in md
+
+
+def test_machine_and_low_throughput_warning(report):
+    j = json.loads((report.parent / "report.json").read_text())
+    assert j["machine"]["cpu"]["model"] == "AMD EPYC 7B13"
+    rows = {r["stage"]: r for r in j["throughput"]}
+    assert rows["base"]["steps"] == 60 and rows["base"]["expected_steps"] == 166
+    assert "reached 60 steps" in rows["base"]["warning"] and "~166" in rows["base"]["warning"]
+    assert "--budget steps" in rows["base"]["warning"] and "1.2 cores busy" in rows["base"]["warning"]
+    assert rows["sft"]["warning"] is None            # expected 40, reached 40
+    assert rows["grpo"]["warning"] is None           # no expectation recorded: no warning
+    md = (report.parent / "report.md").read_text()
+    assert md.count("**Warning:**") == 1
 
 
 def test_html_is_self_contained_and_escaped(report):
@@ -176,6 +200,7 @@ def test_partial_run_says_what_is_missing(tmp_path):
     assert any("Reward model" in m for m in data["missing"])
     assert any("unreadable line" in n for n in data["notes"])
     assert "out of &lt;memory&gt;" in page and "No evaluation results" in page
+    assert "No machine recorded" in page          # a run root made before runs recorded their machine
 
 
 # ---- in a real browser ------------------------------------------------------------------------------------
@@ -206,7 +231,7 @@ def test_report_in_headless_chromium(report, tmp_path):
             page.goto(report.as_uri(), wait_until="load")
             assert page.title().startswith("gptstack report")
             assert page.inner_text("h1") == "gptstack run report"
-            for sid in ("stages", "pretraining", "sft", "accuracy", "collapse", "alignment", "samples"):
+            for sid in ("stages", "machine", "pretraining", "sft", "accuracy", "collapse", "alignment", "samples"):
                 assert page.locator(f"section#{sid} h2").count() == 1, sid
             imgs = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
             assert len(imgs) == 8
@@ -219,6 +244,13 @@ def test_report_in_headless_chromium(report, tmp_path):
             # the escaped sample shows as text, not markup
             assert NASTY in page.inner_text("#samples")
             assert page.locator("#samples b").count() == 0
+            machine = page.inner_text("#machine")
+            assert "AMD EPYC 7B13" in machine and "avx2" in machine and "fp32 used" in machine
+            warn = page.locator("#machine .warn")
+            assert page.locator(".warn").count() == 2 and page.locator("#stages .warn a[href=\"#machine\"]").count() == 1
+            assert warn.count() == 1 and warn.is_visible() and "reached 60 steps" in warn.inner_text()
+            assert warn.evaluate("e => getComputedStyle(e).color") == "rgb(153, 27, 27)"   # red text
+            assert "166" in page.locator("#machine table").inner_text()
             cells = page.locator("#accuracy table").first.inner_text()
             assert "SFT · LoRA" in cells and "35.0%" in cells
             shot = tmp_path / "report.png"

@@ -143,9 +143,8 @@ def autocast(device: "torch.device", dtype: "torch.dtype | None"):
 # ---- threads ----------------------------------------------------------------------------------------------
 
 def set_threads(n: int = 0) -> int:
-    """Use `n` torch threads (0: leave torch's default, one per core, or GPTSTACK_THREADS). When other
-    processes keep the cores busy, one thread per core makes every matmul wait for the slowest thread: steps
-    measured 2-6x slower on a shared 2-core machine. Returns the thread count in use."""
+    """Use `n` torch threads (0: GPTSTACK_THREADS if set, else leave torch's default of one per core).
+    Returns the thread count in use."""
     import torch
 
     n = n or int(os.environ.get("GPTSTACK_THREADS", "0") or 0)
@@ -153,29 +152,64 @@ def set_threads(n: int = 0) -> int:
         raise ConfigError(f"--threads must be >= 0, got {n}")
     if n:
         torch.set_num_threads(n)
+        os.environ["GPTSTACK_THREADS"] = str(n)   # the choice is explicit: later stages keep it
     return torch.get_num_threads()
 
 
-def busy_cores() -> float:
-    """Cores kept busy by *other* processes right now: the 1-minute load average minus this process's own
-    runnable threads (a rough but cheap signal; 0 where the OS has no load average)."""
+def threads_were_chosen() -> bool:
+    return bool(os.environ.get("GPTSTACK_THREADS"))
+
+
+def busy_cores(window_s: float = 0.3) -> float:
+    """Cores kept busy by *other* processes: CPU time spent machine-wide (/proc/stat) minus this process's
+    own (/proc/self/stat) over a short window, in cores. 0.0 where /proc is not there (not Linux)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        return sum(fields) - idle, int(own[11]) + int(own[12])     # busy jiffies, our utime + stime
+
     try:
-        load = os.getloadavg()[0]
-    except (OSError, AttributeError):
+        busy0, own0 = sample()
+        t0 = time.monotonic()
+        time.sleep(window_s)
+        busy1, own1 = sample()
+        dt = time.monotonic() - t0
+    except (OSError, ValueError, IndexError):
         return 0.0
-    return max(0.0, load - 1.0)
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return max(0.0, ((busy1 - busy0) - (own1 - own0)) / hz / dt)
 
 
-def contention_notice(threads: int) -> str | None:
-    """A one-line notice when other processes are using the cores this run's threads need, else None."""
+def fit_threads_to_free_cores(busy: float) -> tuple[int, str | None]:
+    """When other processes keep cores busy, one torch thread per core makes every matmul wait for the
+    thread that lost its core: steps were measured 2-6x slower on a shared 2-core machine. Unless the user
+    chose a thread count (--threads, GPTSTACK_THREADS), use only the free cores. Returns (threads, notice)."""
+    import torch
+
+    global _default_threads
+    if _default_threads is None:
+        _default_threads = torch.get_num_threads()
     cores = os.cpu_count() or 1
-    busy = busy_cores()
-    if busy >= 0.75 and threads + busy > cores + 0.25:
-        free = max(1, int(cores - busy + 0.5))
-        return (f"note: other processes keep ~{busy:.1f} of {cores} cores busy (load average); {threads} torch "
-                f"threads will wait for them and steps can be several times slower. Pass --threads {free} or "
-                f"stop the other work; time-budgeted stages will reach fewer steps")
-    return None
+    if threads_were_chosen():
+        threads = torch.get_num_threads()
+        if busy >= 0.75 and threads + busy > cores + 0.25:
+            return threads, (f"note: other processes keep ~{busy:.1f} of {cores} cores busy; the {threads} torch "
+                             f"threads you chose will wait for them (steps can be several times slower)")
+        return threads, None
+    want = _default_threads
+    if busy >= 0.75 and want + busy > cores + 0.25:
+        want = max(1, min(want, int(cores - busy + 0.5)))
+    torch.set_num_threads(want)    # also back up to the default once the other work is gone
+    if want < _default_threads:
+        return want, (f"note: other processes keep ~{busy:.1f} of {cores} cores busy: training on {want} torch "
+                      f"thread{'s' if want > 1 else ''} instead of {_default_threads} (--threads N to choose)")
+    return want, None
+
+
+_default_threads: int | None = None
 
 
 _shown: set[str] = set()
@@ -226,6 +260,8 @@ def machine_info(device: "torch.device", amp_dtype: "torch.dtype | None" = None,
         info["gpu_count"] = torch.cuda.device_count()
     if device.type == "cpu":
         env = os.environ.get("GPTSTACK_CPU_BF16")
-        info["bf16_probe"] = dict(bf16_probe("cpu"), fast=bf16_is_fast("cpu"),
-                                  **({"forced_by_env": env} if env in ("0", "1") else {}))
+        if env in ("0", "1"):   # forced: no probe is run (nor needed)
+            info["bf16_probe"] = {"fast": env == "1", "forced_by_env": env}
+        else:
+            info["bf16_probe"] = dict(bf16_probe("cpu"), fast=bf16_is_fast("cpu"))
     return info

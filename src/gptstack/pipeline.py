@@ -8,8 +8,10 @@
 Each stage is the same library call a user makes through the CLI (the pipeline literally runs the CLI's
 commands in-process), writes under RUN_ROOT, and is skipped when its finished output exists, so an
 interrupted pipeline resumes where it stopped (a half-finished training stage continues with --resume).
-Budgets are wall-clock minutes per stage, so the tiny preset takes ~21 minutes on a 2-core CPU whatever
-the machine's speed; GPU presets scale the same stages by token budgets instead.
+Budgets: `--budget minutes` (the default) gives each tiny stage wall-clock minutes, so the pipeline takes
+about the same time on any 2-core CPU and a faster machine trains more; `--budget steps` gives each stage a
+fixed number of optimizer steps (FIXED_WORK_STEPS), so any machine trains the same assistant, in whatever time
+it needs. GPU presets use step/token budgets throughout.
 """
 
 from __future__ import annotations
@@ -118,23 +120,62 @@ PIPELINE_PRESETS["micro"] = {
 PIPELINE_PRESETS["d20"] = {**PIPELINE_PRESETS["d12"], "base": ["--preset", "d20"]}
 
 
+# Fixed-work budgets (`--budget steps`): optimizer steps per time-budgeted stage. They are also the steps a
+# minutes-budget run is expected to reach; the report warns when a stage reached far fewer (a slow or busy
+# machine). Where the figures come from: bench/RESULTS.md, "The tiny pipeline's fixed-work budget".
+FIXED_WORK_STEPS: dict[str, dict[str, int]] = {
+    "tiny": {"base": 166, "sft": 800, "sft_lora": 600, "rm": 120, "grpo": 68, "ppo": 30, "ppo_task": 68,
+             "dpo": 80, "distill": 20},
+}
+BUDGETS = ("minutes", "steps")
+
+
 @dataclass
 class PipelineConfig:
     preset: str = "tiny"
     out: str = "runs/tiny"
     corpus: str = "shakespeare"
+    budget: str = "minutes"   # minutes: wall-clock per stage (tiny); steps: the same work on any machine
     only: str = ""     # comma-separated stages to run (others must already exist if needed)
     skip: str = ""     # comma-separated stages to leave out
     seed: int = 0
 
 
+def stage_flags(preset: str, budget: str = "minutes") -> dict[str, list[str]]:
+    """Each stage's CLI flags under `budget`: the preset's own, with `--steps N --minutes 0` appended (the last
+    flag wins) for the time-budgeted stages when the budget is fixed work."""
+    if preset not in PIPELINE_PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose {', '.join(PIPELINE_PRESETS)}")
+    flags = {k: list(v) for k, v in PIPELINE_PRESETS[preset].items()}
+    if budget == "steps":
+        for name, steps in FIXED_WORK_STEPS.get(preset, {}).items():
+            flags[name] += ["--minutes", "0", "--steps", str(steps)]
+    return flags
+
+
 def _finished(run: Path) -> bool:
+    from .train.checkpoint import recover_run
+
+    recover_run(run)   # a stage killed mid-save: its checkpoint is finished (or cleared) before we look
     state = run / "trainer_state.json"
-    return state.exists() and bool(json.loads(state.read_text()).get("finished"))
+    try:
+        return state.exists() and bool(json.loads(state.read_text()).get("finished"))
+    except json.JSONDecodeError:
+        raise GptstackError(f"'{state}' is corrupt: remove '{run}' to retrain the stage") from None
+
+
+def _write_json(path: Path, obj) -> None:
+    """pipeline.json is rewritten after every stage: atomically, so a kill never leaves half a record that the
+    rerun could not read."""
+    from .train.checkpoint import atomic_write_json
+
+    atomic_write_json(path, obj)
 
 
 def _started(run: Path) -> bool:
-    return (run / "trainer_state.json").exists()
+    """Whether the stage ran before: it continues from its last committed checkpoint, or, killed before its
+    first one, starts over (`--resume` on a directory without a checkpoint starts fresh)."""
+    return run.is_dir()
 
 
 def _selected(cfg: PipelineConfig) -> list[str]:
@@ -149,14 +190,17 @@ def _selected(cfg: PipelineConfig) -> list[str]:
 def run_pipeline(cfg: PipelineConfig) -> Path:
     from .cli import main as cli
 
-    if cfg.preset not in PIPELINE_PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose {', '.join(PIPELINE_PRESETS)}")
-    flags = PIPELINE_PRESETS[cfg.preset]
+    if cfg.budget not in BUDGETS:
+        raise ConfigError(f"--budget must be one of {', '.join(BUDGETS)}, got {cfg.budget!r}")
+    flags = stage_flags(cfg.preset, cfg.budget)
     root = Path(cfg.out)
-    root.mkdir(parents=True, exist_ok=True)
     record_path = root / "pipeline.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else {}
-    record.update({"preset": cfg.preset, "corpus": cfg.corpus})
+    if record.get("budget", "minutes") != cfg.budget and record.get("stages"):
+        raise ConfigError(f"'{root}' was made with --budget {record.get('budget', 'minutes')}; its stages would "
+                          f"be reused under --budget {cfg.budget}: choose another --out")
+    root.mkdir(parents=True, exist_ok=True)
+    record.update({"preset": cfg.preset, "corpus": cfg.corpus, "budget": cfg.budget})
     record.setdefault("stages", {})
     paths = {name: root / name for name in ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "ppo_task", "dpo",
                                             "distill")}
@@ -183,7 +227,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         entry["status"] = status
         if seconds is not None:
             entry["seconds"] = round(seconds, 1)
-        record_path.write_text(json.dumps(record, indent=2))
+        _write_json(record_path, record)
 
     def n_pairs() -> int:
         return sum(1 for line in paths["prefs"].read_text().splitlines() if line.strip()) if paths["prefs"].exists() else 0
@@ -191,12 +235,14 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     stages = _selected(cfg)
     t_start = time.time()
     for name in stages:
+        if name in FIXED_WORK_STEPS.get(cfg.preset, {}):   # what the report holds this stage's steps against
+            record["stages"].setdefault(name, {})["expected_steps"] = FIXED_WORK_STEPS[cfg.preset][name]
         if name in ("rm", "ppo", "dpo") and paths["prefs"].exists() and n_pairs() == 0:
             # every sampled reply tied under the checkers: there is nothing to learn a preference from
             print(f"\n=== {name}: skipped, {paths['prefs']} has no preference pairs (all replies tied)", flush=True)
             _mark(name, "skipped")
             record["stages"][name]["error"] = "no preference pairs: every sampled reply tied"
-            record_path.write_text(json.dumps(record, indent=2))
+            _write_json(record_path, record)
             continue
         if name == "base":
             train_stage(name, paths["base"], ["pretrain", "--corpus", cfg.corpus] + flags["base"])
@@ -205,6 +251,8 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
         elif name == "sft_lora":
             train_stage(name, paths["sft_lora"], ["sft", str(paths["base"])] + flags["sft_lora"])
         elif name == "prefs":
+            # prefs.jsonl only ever appears complete (save_preferences writes a temp file, fsyncs, renames), so
+            # a file that exists is a finished stage; a kill mid-sampling leaves none and the stage runs again
             if paths["prefs"].exists():
                 _mark(name, "reused")
             else:
@@ -239,5 +287,5 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             _mark(name, "done", time.time() - t0)
             print(f"\nreport: {path.resolve()}")
     record["total_seconds_this_run"] = round(time.time() - t_start, 1)
-    record_path.write_text(json.dumps(record, indent=2))
+    _write_json(record_path, record)
     return root / "report.html"

@@ -162,8 +162,11 @@ def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0) -> bool:
     root = Path(root)
     (root / "eval").mkdir(exist_ok=True)
     ran = False
+    from ..train.checkpoint import atomic_write_json, recover_run
+
     for stage, dirname in STAGE_DIRS.items():
         run = root / dirname
+        recover_run(run)   # a stage killed mid-save: finish (or clear) its checkpoint before reading its state
         if not _finished(run):
             continue
         target = root / "eval" / f"{stage}.json"
@@ -171,9 +174,7 @@ def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0) -> bool:
             continue
         print(f"evaluating {stage} ...", flush=True)
         result = evaluate_stage(stage, run, root, n_examples, seed)
-        tmp = target.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(target)
+        atomic_write_json(target, result)   # temp file, fsync, rename: a kill mid-write leaves no half result
         means = {m: sum(v.get(m, 0) for v in result["tasks"].values()) / len(result["tasks"]) for m in ("greedy", "sample")}
         print(f"  {stage}: mean greedy {means['greedy']:.3f}  sample {means['sample']:.3f}  "
               f"({result['seconds']:.0f}s)", flush=True)

@@ -48,7 +48,7 @@ DECODING = (("greedy", "greedy"), ("sample", "sample (T=1)"), ("vote", "self-con
 COLLAPSE_COLS = (("entropy", "entropy (nats)"), ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"),
                  ("distinct_3", "distinct-3"), ("self_bleu", "self-BLEU ↓"), ("embedding_similarity", "embed. sim ↓"),
                  ("quality", "quality"))
-SECTIONS = (("stages", "Stages & time"), ("pretraining", "Pretraining"), ("sft", "SFT"),
+SECTIONS = (("stages", "Stages & time"), ("machine", "Machine"), ("pretraining", "Pretraining"), ("sft", "SFT"),
             ("accuracy", "Task accuracy"), ("collapse", "Model collapse"), ("alignment", "Reward model & RL"),
             ("samples", "Samples"))
 
@@ -137,6 +137,8 @@ def collect(run_root: str | Path) -> dict:
             "runs": runs, "evals": evals, "tokenizer": tokenizer, "notes": notes,
             "prefs_pairs": _count_lines(root / "prefs.jsonl")}
     data["stages"] = _stage_table(data)
+    data["machine"] = _machine(data)
+    data["throughput"] = _throughput(data)
     data["missing"] = _missing(data)
     data["summary"] = _summary(data)
     return data
@@ -177,6 +179,79 @@ def _stage_table(data: dict) -> list[dict]:
                      "tokens": state.get("tokens"), "headline": headline,
                      "error": p.get("error") or p.get("message") if status == "failed" else None})
     return rows
+
+
+# A time-budgeted stage that reached fewer than this share of its expected steps gets a warning.
+LOW_THROUGHPUT_SHARE = 0.5
+
+
+def _machine(data: dict) -> dict | None:
+    """The machine the runs recorded (config.json "machine"); the first training stage's, in pipeline order."""
+    for n in list(RUN_DIRS) + list(data["runs"]):
+        m = ((data["runs"].get(n) or {}).get("config") or {}).get("machine")
+        if isinstance(m, dict):
+            return m
+    return None
+
+
+def _throughput(data: dict) -> list[dict]:
+    """Per training stage: budget, steps reached vs the steps the preset expects, tokens/s, and a warning when
+    a time budget bought far fewer steps than expected (a slow or busy machine trains a weaker model)."""
+    pstages = data["pipeline"].get("stages") or {}
+    rows = []
+    for n, run in data["runs"].items():
+        cfg, state = run.get("config") or {}, run.get("state") or {}
+        tp = cfg.get("throughput") or {}
+        budget = tp.get("budget") or {}
+        minutes = _num(budget.get("minutes")) if budget else _num((cfg.get("train") or {}).get("minutes"))
+        steps = state.get("step") if isinstance(state.get("step"), int) else tp.get("steps")
+        expected = (pstages.get(n) or {}).get("expected_steps")
+        row = {"stage": n, "minutes": minutes or None, "steps": steps, "expected_steps": expected,
+               "tok_per_s": tp.get("tok_per_s"), "steps_per_minute": tp.get("steps_per_minute"),
+               "threads": (cfg.get("machine") or {}).get("threads"),
+               "busy_cores": (cfg.get("machine") or {}).get("busy_cores_at_start"), "warning": None}
+        if minutes and isinstance(expected, int) and isinstance(steps, int) and steps < LOW_THROUGHPUT_SHARE * expected:
+            row["warning"] = (f"{label(n)} reached {steps} steps in its {minutes:g}-minute budget; the preset expects "
+                              f"~{expected} (its fixed-work budget). This machine trained {steps / expected:.0%} of "
+                              f"the planned work, so this stage's model is weaker than the README's: rerun with "
+                              f"--budget steps for the same work on any machine"
+                              + (f" (other processes kept ~{row['busy_cores']} cores busy at its start)"
+                                 if (_num(row["busy_cores"]) or 0) >= 0.75 else ""))
+        rows.append(row)
+    order = {s: i for i, s in enumerate(PIPELINE_ORDER)}
+    return sorted(rows, key=lambda r: order.get(r["stage"], len(order)))
+
+
+def machine_lines(data: dict) -> list[str]:
+    m = data.get("machine")
+    if not m:
+        return []
+    cpu = m.get("cpu") or {}
+    probe = m.get("bf16_probe") or {}
+    lines = [f"CPU: {cpu.get('model', '?')} ({cpu.get('arch', '?')}, {cpu.get('cores', '?')} cores; flags: "
+             f"{', '.join(cpu.get('flags') or []) or 'none of interest'})",
+             f"device {m.get('device', '?')}" + (f" ({m['gpu']})" if m.get("gpu") else "")
+             + f", {m.get('threads', '?')} torch threads, torch {m.get('torch', '?')}",
+             f"precision: training autocast {m.get('autocast', '?')}, Muon orthogonalisation "
+             f"{m.get('optimizer_matmul', '—')}"]
+    if probe:
+        verdict = "fast: bf16 used" if probe.get("fast") else "slow: fp32 used"
+        if probe.get("forced_by_env"):
+            lines.append(f"bf16: {verdict} (forced by GPTSTACK_CPU_BF16={probe['forced_by_env']}; no probe run)")
+        else:
+            lines.append(f"bf16 probe: a bf16 matmul took {probe.get('bf16_over_fp32')}x the fp32 time ({verdict})")
+    return lines
+
+
+def table_throughput(data):
+    rows = []
+    for r in data["throughput"]:
+        rows.append([label(r["stage"]), f"{r['minutes']:g} min" if r["minutes"] else "steps",
+                     fmt_count(r["steps"]), fmt_count(r["expected_steps"]),
+                     fmt_count(round(r["tok_per_s"])) if _num(r["tok_per_s"]) else "—",
+                     fmt(r["steps_per_minute"], 1) if _num(r["steps_per_minute"]) else "—",
+                     "low" if r["warning"] else ""])
+    return (["stage", "budget", "steps", "expected steps", "tokens/s", "steps/min", ""], rows) if rows else None
 
 
 def _missing(data: dict) -> list[str]:
@@ -683,6 +758,9 @@ tr:last-child td { border-bottom:none; }
 .notice { border-left:4px solid #f59e0b; background:#fffbeb; padding:10px 14px; border-radius:6px; font-size:13.5px;
   margin:12px 0; }
 .notice ul { margin:4px 0 0; padding-left:18px; }
+.warn { border-left:4px solid #dc2626; background:#fef2f2; color:#991b1b; padding:10px 14px; border-radius:6px;
+  font-size:13.5px; margin:0 0 10px; }
+ul.facts { margin:6px 0 12px; padding-left:18px; font-size:13.5px; }
 .empty { color:var(--muted); font-style:italic; font-size:14px; }
 .convs { display:grid; grid-template-columns:repeat(auto-fit,minmax(340px,1fr)); gap:14px; align-items:start; }
 .conv { border:1px solid var(--line); border-radius:10px; padding:12px; background:#fcfcfd; }
@@ -829,9 +907,24 @@ def render_html(data: dict, plots: dict[str, bytes | None], samples_per_stage: i
                    f'{" — failed: " + _e(", ".join(label(f) for f in s["failed"])) if s["failed"] else ""}'
                    f'<ul>{"".join(items)}</ul></div>')
     sections = []
+    if low := [label(r["stage"]) for r in data["throughput"] if r["warning"]]:
+        missing = (f'<div class="warn"><strong>Less training than planned:</strong> {_e(", ".join(low))} reached '
+                   f'far fewer steps than the preset expects on this machine; see <a href="#machine">Machine</a>.'
+                   f'</div>') + missing
 
     sections.append(_section("stages", "Stages & time", "What ran, how long it took and what it ended at.",
                              missing + _stages_html(data) + _img(plots.get("time"), "time per stage")))
+
+    mlines = machine_lines(data)
+    warnings = "".join(f'<div class="warn">{_e(r["warning"])}</div>' for r in data["throughput"] if r["warning"])
+    tput = table_throughput(data)
+    sections.append(_section(
+        "machine", "Machine & throughput",
+        "Where these figures came from, the precision chosen there, and whether each time-budgeted stage got "
+        "the work the preset plans.",
+        warnings + ("<ul class=\"facts\">" + "".join(f"<li>{_e(x)}</li>" for x in mlines) + "</ul>" if mlines
+                    else _empty("No machine recorded (runs made before gptstack recorded their machine)."))
+        + (_html_table(tput) if tput else "")))
 
     base = data["runs"].get("base")
     body = _img(plots.get("pretraining"), "pretraining loss and validation bpb") if base else ""
@@ -937,6 +1030,10 @@ def render_markdown(data: dict, plot_files: dict[str, str], samples_per_stage: i
     if data["missing"] or data["notes"]:
         out.append("\n**Not in this report:**\n\n" + "".join(f"- {x}\n" for x in data["missing"] + data["notes"]))
     out.append("\n## Stages & time\n\n" + _md_table(table_stages(data)) + img("time", "time per stage"))
+    out.append("\n## Machine & throughput\n\n"
+               + "".join(f"> **Warning:** {r['warning']}\n\n" for r in data["throughput"] if r["warning"])
+               + ("".join(f"- {x}\n" for x in machine_lines(data)) or "_no machine recorded_\n")
+               + ("\n" + _md_table(table_throughput(data)) if table_throughput(data) else ""))
     out.append("\n## Pretraining\n" + (img("pretraining", "pretraining curves") or "\n_no pretraining run_\n"))
     out.append("\n## SFT\n" + (img("sft", "SFT curves") or "\n_no SFT run_\n"))
     out.append("\n## Task accuracy (greedy)\n\n" + _md_table(table_accuracy(data), "no evaluation results")
@@ -997,7 +1094,8 @@ def build_report(run_root: str | Path, samples_per_stage: int = 3) -> Path:
     plot_files = {name: f"report_files/{name}.png" for name in plots}
     atomic_write_bytes(root / "report.html", render_html(data, plots, samples_per_stage).encode("utf-8"))
     atomic_write_bytes(root / "report.md", render_markdown(data, plot_files, samples_per_stage).encode("utf-8"))
-    summary = {k: data[k] for k in ("run_root", "built", "summary", "stages", "missing", "notes", "evals")}
+    summary = {k: data[k] for k in ("run_root", "built", "summary", "stages", "machine", "throughput", "missing",
+                                    "notes", "evals")}
     summary["reward_model"] = ((data["runs"].get("rm") or {}).get("state") or {}).get("last")
     summary["final"] = {n: (r["state"] or {}).get("last") for n, r in data["runs"].items()}
     summary["plots"] = plot_files

@@ -171,8 +171,10 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
 
 def save_adapter(peft_model, directory: str | Path, checkpoint_id: str = "") -> None:
     """Write `directory/adapter_config.json` and `adapter_model.safetensors` in PEFT's format, each file
-    atomically (PEFT's own save_pretrained writes in place). The checkpoint id goes into the safetensors
-    metadata so a resume can tell an adapter from a different save."""
+    atomically (PEFT's own save_pretrained writes in place). Training stages call it on the staging
+    directory of a checkpoint commit (train.checkpoint.commit_checkpoint), so the whole adapter/ is swapped
+    in with the rest of the checkpoint. The checkpoint id goes into the safetensors metadata so a resume can
+    tell an adapter from a different save."""
     from ..train.checkpoint import atomic_write_bytes, save_weights
 
     directory = Path(directory)
@@ -289,9 +291,11 @@ def merge_adapter(peft_model) -> nn.Module:
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a normal run directory (model.safetensors, config.json, tokenizer/) with the adapter of
     `run_dir` merged in. Refuses to overwrite an existing run."""
-    from ..train.checkpoint import atomic_write_json, load_model, new_checkpoint_id, read_config, save_weights
+    from ..train.checkpoint import (atomic_write_json, commit_checkpoint, load_model, new_checkpoint_id, read_config,
+                                    recover_run, save_weights)
 
     run, out = Path(run_dir), Path(out_dir)
+    recover_run(out)   # a merge killed mid-save is finished first, so the check below sees what is there
     config = read_config(run)
     if not (run / "adapter").is_dir():
         raise CheckpointError(f"'{run}' has no adapter/ directory: there is nothing to merge (it is already a "
@@ -304,13 +308,13 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"'{out}' already holds a run; choose another --out (nothing was overwritten)")
     model, tokenizer, config = load_model(run, "cpu")
     merged = merge_adapter(model)
-    out.mkdir(parents=True, exist_ok=True)
-    save_weights(out / "model.safetensors", merged.state_dict(), {"checkpoint_id": new_checkpoint_id()})
-    tokenizer.save(out / "tokenizer")
     new_config = dict(config)
     new_config["merged_from"] = str(run.resolve())
     new_config["adapter"] = None
-    atomic_write_json(out / "config.json", new_config)
+    with commit_checkpoint(out) as tmp:   # weights, tokenizer and config land together or not at all
+        save_weights(tmp / "model.safetensors", merged.state_dict(), {"checkpoint_id": new_checkpoint_id()})
+        tokenizer.save(tmp / "tokenizer")
+        atomic_write_json(tmp / "config.json", new_config)
     return out
 
 

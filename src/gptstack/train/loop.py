@@ -12,6 +12,7 @@ evaluation and samples, atomic checkpoints, and exact resume.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 
 from ..config import TrainConfig, config_to_dict
-from ..devices import autocast, busy_cores, contention_notice, machine_info, matmul_dtype, resolve_device, resolve_dtype
+from ..devices import autocast, busy_cores, fit_threads_to_free_cores, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import atomic_write_bytes, atomic_write_json, load_weights, new_checkpoint_id, save_weights, unwrap
+from .checkpoint import (atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, load_weights,
+                         new_checkpoint_id, recover_run, save_weights, unwrap)
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -37,6 +39,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "409
 
 
 def default_save(model: torch.nn.Module, run_dir: Path, checkpoint_id: str) -> None:
+    """A stage's save callback writes its files under `run_dir`: the staging directory of the checkpoint
+    commit (save_checkpoint), whose contents are swapped into the run directory together."""
     save_weights(run_dir / "model.safetensors", unwrap(model).state_dict(), {"checkpoint_id": checkpoint_id})
 
 
@@ -117,6 +121,18 @@ def run_dir_in_use(out: Path) -> bool:
     return (out / "trainer_state.json").exists() or (out / "model.safetensors").exists()
 
 
+def _refuse_non_training_run(out: Path) -> None:
+    """--resume restarts a run that never committed a checkpoint, but must not overwrite weights that are
+    not a training run's leftovers (a merged model, an export)."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if (out / "model.safetensors").exists() and config.get("merged_from"):
+        raise ConfigError(f"'{out}' holds a merged model, not a training run to resume: choose another --out "
+                          "(nothing was overwritten)")
+
+
 class MetricsLog:
     """metrics.jsonl (one object per logged step) plus optional wandb / tensorboard mirrors."""
 
@@ -158,20 +174,23 @@ class MetricsLog:
 
 
 def save_checkpoint(stage: Stage, model, optimizers, out: Path, state: dict, is_main: bool) -> None:
+    """One checkpoint: the stage's weights (stage.save), tokenizer/, config.json, optimizer.pt, rng.pt and
+    trainer_state.json, staged and committed as a whole (checkpoint.commit_checkpoint), so a kill at any
+    moment leaves the previous checkpoint or this one."""
     if not is_main:
         return
-    out.mkdir(parents=True, exist_ok=True)
     cid = new_checkpoint_id()
-    stage.save(model, out, cid)
-    stage.tokenizer.save(out / "tokenizer")
-    atomic_write_json(out / "config.json", stage.run_config)
-    atomic_write_bytes(out / "optimizer.pt",
-                       _torch_bytes({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}))
-    state = dict(state, checkpoint_id=cid)
-    atomic_write_bytes(out / "rng.pt", _torch_bytes(_rng_state()))   # RNG states are tensors: kept beside the JSON
-    if stage.extra_state:
-        state["stage_state"] = stage.extra_state()
-    atomic_write_json(out / "trainer_state.json", state)   # last: it commits the checkpoint
+    with commit_checkpoint(out) as tmp:
+        stage.save(model, tmp, cid)
+        stage.tokenizer.save(tmp / "tokenizer")
+        atomic_write_json(tmp / "config.json", stage.run_config)
+        atomic_write_bytes(tmp / "optimizer.pt",
+                           _torch_bytes({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}))
+        state = dict(state, checkpoint_id=cid)
+        atomic_write_bytes(tmp / "rng.pt", _torch_bytes(_rng_state()))   # RNG states are tensors: beside the JSON
+        if stage.extra_state:
+            state["stage_state"] = stage.extra_state()
+        atomic_write_json(tmp / "trainer_state.json", state)
 
 
 def _torch_bytes(obj) -> bytes:
@@ -182,6 +201,7 @@ def _torch_bytes(obj) -> bytes:
 
 
 def _load_resume(stage: Stage, model, optimizers, out: Path) -> dict:
+    recover_run(out)   # a save killed half-way is finished first
     try:
         state = json.loads((out / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -217,22 +237,30 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     rank, world, _ = distributed_context()
     is_main = rank == 0
+    committed = has_checkpoint(out)   # after finishing (or clearing) a save a kill interrupted
     if run_dir_in_use(out) and not cfg.resume:
         state_path = out / "trainer_state.json"
         finished = state_path.exists() and json.loads(state_path.read_text()).get("finished")
         raise ConfigError(f"'{out}' already holds a {'finished ' if finished else ''}run: pass --resume to "
                           "continue it, or choose another --out (nothing was overwritten)")
-    if cfg.resume and not (out / "trainer_state.json").exists():
-        raise CheckpointError(f"cannot resume: '{out}' has no trainer_state.json")
+    if cfg.resume and not committed:
+        # killed before its first checkpoint (or an older version killed during it): nothing to continue
+        _refuse_non_training_run(out)
+        if is_main:
+            print(f"note: '{out}' holds no committed checkpoint (the run stopped before its first save): "
+                  "starting it from step 0", flush=True)
+        cfg = dataclasses.replace(cfg, resume=False)
     device = resolve_device(cfg.device)
     amp_dtype = resolve_dtype(cfg.dtype, device, training=True)
     # what a figure from this run needs to be reproduced: the machine, its threads and the chosen precision
-    machine = machine_info(device, amp_dtype, matmul_dtype(device) if cfg.optimizer == "muon" else None)
     if device.type == "cpu":
-        machine["busy_cores_at_start"] = round(busy_cores(), 2)
-        notice = contention_notice(machine["threads"])
+        busy = busy_cores()
+        threads, notice = fit_threads_to_free_cores(busy)
         if notice and is_main:
             print(notice, flush=True)
+    machine = machine_info(device, amp_dtype, matmul_dtype(device) if cfg.optimizer == "muon" else None)
+    if device.type == "cpu":
+        machine["busy_cores_at_start"] = round(busy, 2)
     stage.run_config["machine"] = machine
     torch.manual_seed(cfg.seed + rank)
     random.seed(cfg.seed + rank)

@@ -140,7 +140,8 @@ def reference_logprobs(ref, policy, ids, mask, temperature: float = 1.0) -> torc
 
 
 def save_policy(model, run_dir: Path, cid: str) -> None:
-    """adapter/ for a LoRA policy (applied to parent_run's weights), else model.safetensors."""
+    """adapter/ for a LoRA policy (applied to parent_run's weights), else model.safetensors. As a stage's save
+    callback `run_dir` is the staging directory of the loop's checkpoint commit."""
     from ..model.adapters import save_adapter
 
     if is_peft(model):
