@@ -55,6 +55,23 @@ def test_console_script_help_is_fast_and_works():
     assert r.returncode == 0 and "pretrain" in r.stdout
 
 
+def test_help_imports_no_torch():
+    """Every command's parser (and so `gptstack --help` and `gptstack COMMAND --help`) is built from torch-free
+    config classes: a fresh interpreter has no torch in sys.modules after build_parser() or any --help."""
+    code = ("import sys, contextlib, io\n"
+            "from gptstack.cli import build_parser, main\n"
+            "names = list(build_parser()._actions[-1].choices)\n"
+            "for argv in [['--help']] + [[n, '--help'] for n in names]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "heavy = sorted(m for m in ('torch', 'numpy', 'transformers', 'peft') if m in sys.modules)\n"
+            "print(len(names), heavy)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    n, heavy = r.stdout.split(" ", 1)
+    assert int(n) >= 15 and heavy.strip() == "[]", r.stdout
+
+
 def _err(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err

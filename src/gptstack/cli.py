@@ -169,7 +169,8 @@ def cmd_bpb(args) -> None:
 
 
 def cmd_sft(args) -> None:
-    from .train.sft import SFTConfig, apply_sft_preset, sft
+    from .config import SFTConfig, apply_sft_preset
+    from .train.sft import sft
 
     explicit = {f.name for f in dataclasses.fields(SFTConfig) if getattr(args, f.name, None) is not None}
     cfg = config_from_args(SFTConfig, args)
@@ -236,7 +237,7 @@ def cmd_tasks(args) -> None:
 
 
 def register_sft_commands(sub) -> None:
-    from .train.sft import SFT_PRESETS, SFTConfig
+    from .config import SFT_PRESETS, SFTConfig
 
     p = sub.add_parser("sft", help="supervised finetuning (full, LoRA or QLoRA) of a pretrained run on conversations")
     p.add_argument("run", help="the run to start from (e.g. runs/base)")
@@ -354,10 +355,7 @@ def cmd_align_eval(args) -> None:
 
 
 def register_align_commands(sub) -> None:
-    from .train.distill import DistillConfig
-    from .train.dpo import DPOConfig
-    from .train.reward import RewardConfig
-    from .train.rl import RLConfig
+    from .config import DistillConfig, DPOConfig, RewardConfig, RLConfig
 
     p = sub.add_parser("preferences", help="sample K replies per task prompt and rank them into preference pairs")
     p.add_argument("run", help="the (SFT) run to sample from")

@@ -14,15 +14,13 @@ Each value stays overridable by its own flag.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, fields, replace
 
 from typing import TYPE_CHECKING
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # torch is imported lazily so `gptstack --help` starts fast
-    import torch
+if TYPE_CHECKING:  # torch-free: `gptstack --help` builds every parser from these classes without torch
     from .model.gpt import GPTConfig
 
 
@@ -136,3 +134,205 @@ def config_to_dict(cfg) -> dict:
 def config_from_dict(cls, d: dict):
     known = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# ---- stage configs (torch-free, so `gptstack --help` builds every parser without importing torch) ------
+
+DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    out: str = "runs/sft"
+    data: str = "tasks"            # "tasks" (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]
+    tasks: str = "all"             # data=tasks: "all" or a list of task names, each optionally name:weight
+    examples_per_task: int = 3000  # data=tasks: train-split examples of each task
+    max_examples: int = 0          # file data: read at most this many conversations (0: all)
+    val_conversations: int = 280   # held out for the periodic masked val loss (tasks: from the test split)
+    pack: bool = True              # several conversations per row (measured 2.0x the trained tokens/s of padding)
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.0
+    lora_targets: str = DEFAULT_LORA_TARGETS   # lm_head / embed_tokens only when listed
+    lora_train_specials: bool = True   # also train the embedding and head rows of the chat special tokens
+    qlora: bool = False            # LoRA on a 4-bit (nf4) base through bitsandbytes; implies lora
+    # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
+    steps: int = 200               # whichever ends first: 200 steps (~2.8 min on an idle 2-core CPU) or 2.5 min
+    minutes: float = 2.5
+    batch_size: int = 8
+    seq_len: int = 0               # 0: the parent model's context
+    lr: float = 1e-2               # AdamW: LoRA factors (with Muon, nothing else); lower it for --optimizer adamw
+    matrix_lr: float = 0.01
+    embedding_lr: float = 0.1
+    unembedding_lr: float = 0.004
+    warmup_frac: float = 0.05
+    decay_frac: float = 0.5
+    eval_every: int = 25
+    log_every: int = 5
+
+    def validate(self) -> None:
+        super().validate()
+        if self.examples_per_task < 1:
+            raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
+        if self.max_examples < 0 or self.val_conversations < 0:
+            raise ConfigError("--max-examples and --val-conversations cannot be negative")
+
+
+# The tiny preset is the default above (2-core CPU, ~2.5 minutes); GPU presets train on more data for longer.
+
+
+SFT_PRESETS: dict[str, dict] = {
+    "tiny": {},
+    "d12": dict(minutes=0.0, steps=1000, batch_size=32, examples_per_task=20000, eval_every=100, log_every=10,
+                compile=True),
+    "d20": dict(minutes=0.0, steps=1500, batch_size=32, examples_per_task=30000, eval_every=100, log_every=10,
+                compile=True),
+}
+
+
+def apply_sft_preset(cfg: SFTConfig, preset: str, explicit: set[str] = frozenset()) -> SFTConfig:
+    if preset not in SFT_PRESETS:
+        raise ConfigError(f"unknown SFT preset {preset!r}; choose one of {', '.join(SFT_PRESETS)}")
+    names = {f.name for f in fields(cfg)}
+    return replace(cfg, **{k: v for k, v in SFT_PRESETS[preset].items() if k in names and k not in explicit})
+
+
+@dataclass
+class RLConfig(TrainConfig):
+    out: str = "runs/rl"
+    algo: str = "grpo"               # grpo | ppo
+    reward: str = "task"             # task, rm:RUN, semantic, teacher:RUN, each optionally =WEIGHT
+    tasks: str = "extraction,spelling"   # tasks the tiny SFT model gets partly right: where RL has signal
+    train_examples: int = 2000       # the pool of training prompts, visited in a seeded order
+    eval_examples: int = 64          # held-out (test split) prompts per task for the greedy accuracy
+    n_prompts: int = 16              # prompts per rollout
+    samples: int = 8                 # replies per prompt (GRPO's group size K)
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    top_k: int = 0
+    update_epochs: int = 2           # passes over each rollout: sampling is the cost, so reuse it (clipped)
+    minibatches: int = 2             # optimizer steps per pass
+    clip: float = 0.2
+    kl_coef: float = 0.02            # GRPO β on the k3 term; PPO's initial per-token KL penalty
+    kl_target: float = 0.0           # PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/seq)
+    kl_horizon: int = 2000
+    gamma: float = 1.0
+    lam: float = 0.95
+    vf_coef: float = 0.5
+    value_clip: float = 0.2
+    scale_rewards: bool = True       # GRPO: divide by the group's std (False: Dr. GRPO centring only)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    steps: int = 40
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_frac: float = 0.0
+    grad_clip: float = 1.0
+    eval_every: int = 20
+    log_every: int = 1
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo not in ("grpo", "ppo"):
+            raise ConfigError(f"--algo must be ppo or grpo, got {self.algo!r}")
+        if self.algo == "grpo" and self.samples < 2:
+            raise ConfigError(f"GRPO compares samples within a group: --samples must be at least 2, got {self.samples}")
+        if self.samples < 1 or self.n_prompts < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--samples, --n-prompts and --max-new-tokens must be at least 1")
+        if self.update_epochs < 1 or self.minibatches < 1 or self.minibatches > self.n_prompts * self.samples:
+            raise ConfigError("--update-epochs must be >= 1 and --minibatches between 1 and n_prompts x samples")
+        if self.kl_coef < 0 or self.clip <= 0:
+            raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    out: str = "runs/dpo"
+    prefs: str = ""
+    loss: str = "sigmoid"          # sigmoid (DPO) | ipo
+    beta: float = 0.1
+    max_len: int = 192
+    val_frac: float = 0.1
+    steps: int = 60
+    batch_size: int = 8            # pairs per step
+    optimizer: str = "adamw"
+    lr: float = 1e-5
+    schedule: str = "cosine"
+    warmup_frac: float = 0.1
+    eval_every: int = 30
+    log_every: int = 5
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.prefs:
+            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
+        if self.loss not in ("sigmoid", "ipo"):
+            raise ConfigError(f"--loss must be sigmoid or ipo, got {self.loss!r}")
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+
+
+@dataclass
+class RewardConfig(TrainConfig):
+    out: str = "runs/reward"
+    prefs: str = ""                # preference JSONL (DESIGN.md format)
+    max_len: int = 192             # tokens per prompt + reply; longer replies are cut
+    val_frac: float = 0.15         # held-out pairs for accuracy and margin
+    steps: int = 120
+    batch_size: int = 16           # pairs per step (2x rows)
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "cosine"
+    warmup_frac: float = 0.05
+    grad_clip: float = 1.0
+    eval_every: int = 40
+    log_every: int = 10
+    lora_rank: int = 0             # 0: fine-tune the whole trunk
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.prefs:
+            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
+        if not 0 <= self.val_frac < 1:
+            raise ConfigError("--val-frac must be in [0, 1)")
+        if self.max_len < 8:
+            raise ConfigError("--max-len must be at least 8")
+
+
+@dataclass
+class DistillConfig(TrainConfig):
+    out: str = "runs/distill"
+    teacher: str = ""
+    mode: str = "onpolicy"           # offline | onpolicy | compare (both, from the same student, scored side by side)
+    tasks: str = "extraction,spelling"
+    train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
+    eval_examples: int = 64
+    max_new_tokens: int = 40
+    temperature: float = 1.0
+    teacher_samples: int = 1         # offline: teacher replies per prompt
+    filter_correct: bool = False     # offline: keep only teacher replies the task checker accepts
+    n_prompts: int = 8               # onpolicy: prompts per rollout
+    samples: int = 4                 # onpolicy: student samples per prompt
+    steps: int = 40
+    batch_size: int = 16
+    seq_len: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-4
+    schedule: str = "constant"
+    warmup_frac: float = 0.0
+    eval_every: int = 0
+    log_every: int = 5
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.teacher:
+            raise ConfigError("give the teacher run: --teacher RUN_DIR")
+        if self.mode not in ("offline", "onpolicy", "compare"):
+            raise ConfigError(f"--mode must be offline, onpolicy or compare, got {self.mode!r}")

@@ -14,13 +14,13 @@ The teacher can also be a reward term of RL (`--reward teacher:RUN`, train/rewar
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import DistillConfig
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import response_logprobs
@@ -29,40 +29,6 @@ from .losses import masked_mean, reverse_kl_per_token
 from .loop import Stage, TrainResult, train
 from .rl import (build_sequences, evaluate_policy, load_policy_state, load_trainable_policy, policy_run_config,
                  sample_rollout, save_policy, task_examples)
-
-
-@dataclass
-class DistillConfig(TrainConfig):
-    out: str = "runs/distill"
-    teacher: str = ""
-    mode: str = "onpolicy"           # offline | onpolicy | compare (both, from the same student, scored side by side)
-    tasks: str = "extraction,spelling"
-    train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
-    eval_examples: int = 64
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    teacher_samples: int = 1         # offline: teacher replies per prompt
-    filter_correct: bool = False     # offline: keep only teacher replies the task checker accepts
-    n_prompts: int = 8               # onpolicy: prompts per rollout
-    samples: int = 4                 # onpolicy: student samples per prompt
-    steps: int = 40
-    batch_size: int = 16
-    seq_len: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_frac: float = 0.0
-    eval_every: int = 0
-    log_every: int = 5
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.teacher:
-            raise ConfigError("give the teacher run: --teacher RUN_DIR")
-        if self.mode not in ("offline", "onpolicy", "compare"):
-            raise ConfigError(f"--mode must be offline, onpolicy or compare, got {self.mode!r}")
 
 
 def _load_teacher(run, device):

@@ -10,48 +10,18 @@ Logged: implicit rewards β(log π - log π_ref) of chosen and rejected, their m
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from ..config import TrainConfig
+from ..config import DPOConfig
 from ..devices import resolve_device
-from ..errors import ConfigError
 from ..model.heads import response_logprobs
 from .losses import dpo_loss
 from .loop import Stage, TrainResult, train
 from .reward import PairBatches, collate_pairs, split_pairs
 from .rl import (frozen_reference, load_policy_state, load_trainable_policy, policy_run_config,
                  reference_logprobs, save_policy)
-
-
-@dataclass
-class DPOConfig(TrainConfig):
-    out: str = "runs/dpo"
-    prefs: str = ""
-    loss: str = "sigmoid"          # sigmoid (DPO) | ipo
-    beta: float = 0.1
-    max_len: int = 192
-    val_frac: float = 0.1
-    steps: int = 60
-    batch_size: int = 8            # pairs per step
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    schedule: str = "cosine"
-    warmup_frac: float = 0.1
-    eval_every: int = 30
-    log_every: int = 5
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.prefs:
-            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
-        if self.loss not in ("sigmoid", "ipo"):
-            raise ConfigError(f"--loss must be sigmoid or ipo, got {self.loss!r}")
-        if self.beta <= 0:
-            raise ConfigError(f"--beta must be positive, got {self.beta}")
 
 
 def pair_logps(model, batch: dict, ref, policy, mean: bool, with_ref: bool = True):

@@ -13,47 +13,19 @@ The run directory is an ordinary one plus `head.safetensors` and `kind: "reward"
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict
+from ..config import RewardConfig, config_to_dict
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
 from ..model.heads import RewardModel, ScalarHead, core_gpt, load_head, right_pad, save_head
 from .checkpoint import read_config
 from .losses import bradley_terry_loss
 from .loop import Stage, TrainResult, train
-
-
-@dataclass
-class RewardConfig(TrainConfig):
-    out: str = "runs/reward"
-    prefs: str = ""                # preference JSONL (DESIGN.md format)
-    max_len: int = 192             # tokens per prompt + reply; longer replies are cut
-    val_frac: float = 0.15         # held-out pairs for accuracy and margin
-    steps: int = 120
-    batch_size: int = 16           # pairs per step (2x rows)
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
-    eval_every: int = 40
-    log_every: int = 10
-    lora_rank: int = 0             # 0: fine-tune the whole trunk
-    lora_alpha: float = 16.0
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.prefs:
-            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
-        if not 0 <= self.val_frac < 1:
-            raise ConfigError("--val-frac must be in [0, 1)")
-        if self.max_len < 8:
-            raise ConfigError("--max-len must be at least 8")
 
 
 class PairBatches:

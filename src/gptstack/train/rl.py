@@ -25,62 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict
+from ..config import RLConfig, config_to_dict
 from ..devices import autocast, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import PolicyWithValue, core_gpt, load_head, response_logprobs, right_pad, save_head
 from .checkpoint import load_model, load_weights, read_config, save_weights
 from .losses import gae, group_advantages, k3_kl, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .loop import Stage, TrainResult, train
-
-
-@dataclass
-class RLConfig(TrainConfig):
-    out: str = "runs/rl"
-    algo: str = "grpo"               # grpo | ppo
-    reward: str = "task"             # task, rm:RUN, semantic, teacher:RUN, each optionally =WEIGHT
-    tasks: str = "extraction,spelling"   # tasks the tiny SFT model gets partly right: where RL has signal
-    train_examples: int = 2000       # the pool of training prompts, visited in a seeded order
-    eval_examples: int = 64          # held-out (test split) prompts per task for the greedy accuracy
-    n_prompts: int = 16              # prompts per rollout
-    samples: int = 8                 # replies per prompt (GRPO's group size K)
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_k: int = 0
-    update_epochs: int = 2           # passes over each rollout: sampling is the cost, so reuse it (clipped)
-    minibatches: int = 2             # optimizer steps per pass
-    clip: float = 0.2
-    kl_coef: float = 0.02            # GRPO β on the k3 term; PPO's initial per-token KL penalty
-    kl_target: float = 0.0           # PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/seq)
-    kl_horizon: int = 2000
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.5
-    value_clip: float = 0.2
-    scale_rewards: bool = True       # GRPO: divide by the group's std (False: Dr. GRPO centring only)
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    steps: int = 40
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_frac: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 20
-    log_every: int = 1
-
-    def validate(self) -> None:
-        super().validate()
-        if self.algo not in ("grpo", "ppo"):
-            raise ConfigError(f"--algo must be ppo or grpo, got {self.algo!r}")
-        if self.algo == "grpo" and self.samples < 2:
-            raise ConfigError(f"GRPO compares samples within a group: --samples must be at least 2, got {self.samples}")
-        if self.samples < 1 or self.n_prompts < 1 or self.max_new_tokens < 1:
-            raise ConfigError("--samples, --n-prompts and --max-new-tokens must be at least 1")
-        if self.update_epochs < 1 or self.minibatches < 1 or self.minibatches > self.n_prompts * self.samples:
-            raise ConfigError("--update-epochs must be >= 1 and --minibatches between 1 and n_prompts x samples")
-        if self.kl_coef < 0 or self.clip <= 0:
-            raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
 
 
 # ---- policy, reference and their persistence (shared with reward.py, dpo.py, distill.py) ----------------

@@ -18,73 +18,17 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from ..config import TrainConfig, config_to_dict
+from ..config import SFTConfig, config_to_dict
 from ..errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:  # torch and the loop are imported when training starts, so `gptstack --help` stays fast
     from .loop import TrainResult
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-@dataclass
-class SFTConfig(TrainConfig):
-    out: str = "runs/sft"
-    data: str = "tasks"            # "tasks" (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]
-    tasks: str = "all"             # data=tasks: "all" or a list of task names, each optionally name:weight
-    examples_per_task: int = 3000  # data=tasks: train-split examples of each task
-    max_examples: int = 0          # file data: read at most this many conversations (0: all)
-    val_conversations: int = 280   # held out for the periodic masked val loss (tasks: from the test split)
-    pack: bool = True              # several conversations per row (measured 2.0x the trained tokens/s of padding)
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS   # lm_head / embed_tokens only when listed
-    lora_train_specials: bool = True   # also train the embedding and head rows of the chat special tokens
-    qlora: bool = False            # LoRA on a 4-bit (nf4) base through bitsandbytes; implies lora
-    # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
-    steps: int = 200               # whichever ends first: 200 steps (~2.8 min on an idle 2-core CPU) or 2.5 min
-    minutes: float = 2.5
-    batch_size: int = 8
-    seq_len: int = 0               # 0: the parent model's context
-    lr: float = 1e-2               # AdamW: LoRA factors (with Muon, nothing else); lower it for --optimizer adamw
-    matrix_lr: float = 0.01
-    embedding_lr: float = 0.1
-    unembedding_lr: float = 0.004
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.5
-    eval_every: int = 25
-    log_every: int = 5
-
-    def validate(self) -> None:
-        super().validate()
-        if self.examples_per_task < 1:
-            raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
-        if self.max_examples < 0 or self.val_conversations < 0:
-            raise ConfigError("--max-examples and --val-conversations cannot be negative")
-
-
-# The tiny preset is the default above (2-core CPU, ~2.5 minutes); GPU presets train on more data for longer.
-SFT_PRESETS: dict[str, dict] = {
-    "tiny": {},
-    "d12": dict(minutes=0.0, steps=1000, batch_size=32, examples_per_task=20000, eval_every=100, log_every=10,
-                compile=True),
-    "d20": dict(minutes=0.0, steps=1500, batch_size=32, examples_per_task=30000, eval_every=100, log_every=10,
-                compile=True),
-}
-
-
-def apply_sft_preset(cfg: SFTConfig, preset: str, explicit: set[str] = frozenset()) -> SFTConfig:
-    if preset not in SFT_PRESETS:
-        raise ConfigError(f"unknown SFT preset {preset!r}; choose one of {', '.join(SFT_PRESETS)}")
-    names = {f.name for f in fields(cfg)}
-    return replace(cfg, **{k: v for k, v in SFT_PRESETS[preset].items() if k in names and k not in explicit})
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
