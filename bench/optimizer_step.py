@@ -97,7 +97,7 @@ def main() -> None:
     if "bf16_probe" in info:
         p = info["bf16_probe"]
         print(f"bf16 probe: bf16 matmul {p['bf16_over_fp32']}x the fp32 time -> Muon NS in {info['optimizer_matmul']}")
-    print(f"model d{args.depth} ({sum(p.numel() for p in fresh_model().parameters()):,} params), "
+    print(f"model d{args.depth} ({sum(p.numel() for p in runs['adamw'][0].parameters()):,} params), "
           f"batch {args.batch}x{args.seq_len}, fp32 forward/backward, median of {args.steps} steps")
     med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
     med_opt = {n: sorted(v)[len(v) // 2] for n, v in opt_times.items()}

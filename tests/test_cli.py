@@ -133,8 +133,9 @@ def test_torchrun_two_ranks_match_one_process(tmp_path, corpus_dir):
     assert all(abs(x - y) < 1e-3 for x, y in zip(a, b)), (a, b)
 
 
-def test_threads_flag_on_every_command():
-    """--threads is offered by every command and sets torch's thread count for the process."""
+def test_threads_flag_on_every_command(monkeypatch, capsys):
+    """--threads is offered by every command and sets torch's thread count for the process; a malformed
+    GPTSTACK_THREADS is a one-line error."""
     import torch
 
     from gptstack.cli import build_parser
@@ -143,8 +144,14 @@ def test_threads_flag_on_every_command():
     for name, p in sub.choices.items():
         assert any("--threads" in a.option_strings for a in p._actions), name
     before = torch.get_num_threads()
+    monkeypatch.setenv("GPTSTACK_THREADS", os.environ.get("GPTSTACK_THREADS", ""))   # restored after the test
     try:
         assert main(["tasks", "list", "--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
+        monkeypatch.setenv("GPTSTACK_THREADS", "two")
+        capsys.readouterr()
+        assert main(["tasks", "list"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "GPTSTACK_THREADS must be a whole number" in err and "\n" not in err
     finally:
         torch.set_num_threads(before)

@@ -92,3 +92,13 @@ def test_pipeline_budget_is_checked_and_not_mixed(tmp_path, capsys):
     assert main(["pipeline", "--budget", "steps", "--out", str(root), "--only", "report"]) == 2
     err = capsys.readouterr().err
     assert "made with --budget minutes" in err and "\n" not in err.strip()
+
+
+def test_corrupt_pipeline_record_is_a_one_line_error(tmp_path, capsys):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "pipeline.json").write_text('{"preset": "tiny", "stag')
+    assert main(["pipeline", "--out", str(root), "--only", "report"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pipeline.json' is corrupt" in err and "\n" not in err
+    assert (root / "pipeline.json").read_text() == '{"preset": "tiny", "stag'   # nothing overwritten

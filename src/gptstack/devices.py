@@ -8,8 +8,8 @@
 Why precision is *measured* on CPUs: whether bf16 is fast depends on the silicon, not on what torch accepts.
 With native bf16 dot products (x86 avx512_bf16 / AMX, e.g. Zen 4, Sapphire Rapids) a bf16 matmul beats fp32
 and a tiny-preset training step under bf16 autocast is ~1.3x faster. Without them (AVX2-only, e.g. Zen 3)
-torch still runs bf16, but emulated: a 256x768 @ 768x768 matmul ran at 0.84 GFLOP/s against 55 in fp32 (65x
-slower), and torch.optim.Muon, which always orthogonalises in bf16, turned a 0.64 s optimizer step into 14.5 s.
+torch still runs bf16, but emulated: 50-100x slower than fp32 on a 2-core Zen 3, where torch.optim.Muon, which
+always orthogonalises in bf16, made a tiny-preset step 3x an AdamW step (bench/optimizer_step.py).
 So a tiny timed probe (a few milliseconds, once per process and device) compares a bf16 and an fp32 matmul
 on this device, and every bf16 path — training autocast for every stage, and Muon's orthogonalisation —
 follows its answer. GPTSTACK_CPU_BF16=0/1 overrides the probe (tests force the slow path with it).
@@ -147,7 +147,12 @@ def set_threads(n: int = 0) -> int:
     Returns the thread count in use."""
     import torch
 
-    n = n or int(os.environ.get("GPTSTACK_THREADS", "0") or 0)
+    if not n:
+        env = os.environ.get("GPTSTACK_THREADS", "").strip()
+        try:
+            n = int(env or 0)
+        except ValueError:
+            raise ConfigError(f"GPTSTACK_THREADS must be a whole number of threads, got {env!r}") from None
     if n < 0:
         raise ConfigError(f"--threads must be >= 0, got {n}")
     if n:
@@ -160,9 +165,10 @@ def threads_were_chosen() -> bool:
     return bool(os.environ.get("GPTSTACK_THREADS"))
 
 
-def busy_cores(window_s: float = 0.3) -> float:
+def busy_cores(window_s: float = 0.15) -> float:
     """Cores kept busy by *other* processes: CPU time spent machine-wide (/proc/stat) minus this process's
-    own (/proc/self/stat) over a short window, in cores. 0.0 where /proc is not there (not Linux)."""
+    own (/proc/self/stat) over a short window, in cores (at the kernel's 100 Hz accounting, 0.15 s resolves
+    ~0.1 core on 2 cores: enough for the 0.75-core threshold). 0.0 where /proc is not there (not Linux)."""
     def sample():
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]

@@ -195,7 +195,11 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     flags = stage_flags(cfg.preset, cfg.budget)
     root = Path(cfg.out)
     record_path = root / "pipeline.json"
-    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    try:
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    except json.JSONDecodeError:
+        raise ConfigError(f"'{record_path}' is corrupt: remove it (the stages' own directories are kept and "
+                          "reused) and rerun") from None
     if record.get("budget", "minutes") != cfg.budget and record.get("stages"):
         raise ConfigError(f"'{root}' was made with --budget {record.get('budget', 'minutes')}; its stages would "
                           f"be reused under --budget {cfg.budget}: choose another --out")

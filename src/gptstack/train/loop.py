@@ -255,7 +255,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     # what a figure from this run needs to be reproduced: the machine, its threads and the chosen precision
     if device.type == "cpu":
         busy = busy_cores()
-        threads, notice = fit_threads_to_free_cores(busy)
+        _, notice = fit_threads_to_free_cores(busy)
         if notice and is_main:
             print(notice, flush=True)
     machine = machine_info(device, amp_dtype, matmul_dtype(device) if cfg.optimizer == "muon" else None)
@@ -413,7 +413,8 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     seconds = elapsed_before + time.time() - t0
     last["train_seconds"] = round(seconds, 2)
     last["tok_per_s_mean"] = round(tokens_seen / max(seconds, 1e-9), 1)
-    # throughput per stage, beside the machine it was measured on (the report compares it with the preset's plan)
+    # throughput per stage, beside the machine it was measured on (the report compares it with the preset's plan);
+    # wall clock over the whole stage, periodic evaluation included: what a time budget actually buys
     stage.run_config["throughput"] = {
         "steps": step, "tokens": tokens_seen, "seconds": round(seconds, 2),
         "tok_per_s": last["tok_per_s_mean"], "steps_per_minute": round(60 * step / max(seconds, 1e-9), 2),

@@ -8,8 +8,9 @@ files written with torch.optim.Muon resume here.
 
 What differs, and why:
 - The iteration runs in `ns_dtype`. torch's always casts to bf16; that is the right choice on GPUs and on
-  CPUs with native bf16, and a 20x cliff on CPUs without it (devices.py has the measurement). The optimizer
-  builder passes devices.matmul_dtype(device).
+  CPUs with native bf16, and a cliff on CPUs without it: on a 2-core Zen 3 the tiny model's orthogonalisation
+  took 8.5 s per step in bf16 and 0.23 s in fp32 (bench/optimizer_step.py, figures in bench/RESULTS.md). The
+  optimizer builder passes devices.matmul_dtype(device).
 - Matrices of the same shape are orthogonalised together as one batched product (a Transformer has a handful
   of shapes), which saves per-matrix dispatch on small models.
 """
