@@ -43,7 +43,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
 
     model, tok, _ = load_model(args.run)
     engine = Engine(model, tok)

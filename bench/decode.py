@@ -131,7 +131,7 @@ def matmul_floor(model, batch: int, steps: int, repeats: int) -> float:
 def bench_real(run: str, n_prompts: int, repeats: int, speculate: int, max_new: int = 64) -> list[dict]:
     """The trained chat model of `run` on task prompts, one at a time."""
     from gptstack.data.tasks import generate_mixture
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
 
     model, tok, _ = load_model(run)
     ours, hf = make_models(model.config, ours=model)
@@ -211,7 +211,7 @@ def main(argv=None):
         if cfg_path.exists():
             cfg = GPTConfig.from_dict(json.loads(cfg_path.read_text())["model"])
         else:
-            from gptstack.config import model_config_from_depth
+            from gptstack.model.gpt import model_config_from_depth
             cfg = model_config_from_depth(4, 8192, 256)
         cfg.qk_norm = False
         print(f"model: {cfg}")

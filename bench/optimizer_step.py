@@ -33,7 +33,8 @@ def main() -> None:
     ap.add_argument("--torch-muon", action="store_true", help="also time torch.optim.Muon (slow where bf16 is)")
     args = ap.parse_args()
 
-    from gptstack.config import TrainConfig, model_config_from_depth
+    from gptstack.config import TrainConfig
+    from gptstack.model.gpt import model_config_from_depth
     from gptstack.devices import machine_info, matmul_dtype, resolve_device, set_threads
     from gptstack.model.gpt import GPT
     from gptstack.train.muon import Muon

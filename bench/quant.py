@@ -21,7 +21,7 @@ from gptstack.eval.bpb import bpb_of_texts  # noqa: E402
 from gptstack.infer.engine import Engine  # noqa: E402
 from gptstack.infer.sampling import SamplingParams  # noqa: E402
 from gptstack.model.quant import model_bytes, quantize  # noqa: E402
-from gptstack.train.checkpoint import load_model  # noqa: E402
+from gptstack.runs import load_model  # noqa: E402
 
 
 def main(argv=None):

@@ -92,7 +92,7 @@ def hf_tokenizer(tok):
 
 
 def save_run(model, tok, cfg, path: Path) -> Path:
-    from gptstack.train.checkpoint import atomic_write_json, save_weights
+    from gptstack.io import atomic_write_json, save_weights
 
     path.mkdir(parents=True, exist_ok=True)
     save_weights(path / "model.safetensors", model.state_dict(), {"checkpoint_id": "bench"})

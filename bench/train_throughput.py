@@ -18,7 +18,7 @@ import torch
 def build_pair(depth: int, vocab: int, seq_len: int, device):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gptstack.config import model_config_from_depth
+    from gptstack.model.gpt import model_config_from_depth
     from gptstack.model.gpt import GPT
 
     cfg = model_config_from_depth(depth, vocab, seq_len, qk_norm=False)  # Llama has no QK-norm

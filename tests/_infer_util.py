@@ -22,7 +22,7 @@ def save_run(run_dir, model: GPT, tokenizer) -> str:
     """A minimal run directory (weights, config, tokenizer) that `load_model` accepts."""
     from pathlib import Path
 
-    from gptstack.train.checkpoint import atomic_write_json, save_weights
+    from gptstack.io import atomic_write_json, save_weights
 
     d = Path(run_dir)
     d.mkdir(parents=True, exist_ok=True)

@@ -8,8 +8,10 @@ import torch
 
 from gptstack.errors import ConfigError, DependencyError
 from gptstack.model import adapters as A
+from gptstack.runs import merge_run
 from gptstack.model.gpt import GPT, GPTConfig
-from gptstack.train.checkpoint import atomic_write_json, load_model, save_weights
+from gptstack.io import atomic_write_json, save_weights
+from gptstack.runs import load_model
 
 CFG = GPTConfig(vocab_size=300, n_layer=2, n_embd=64, n_head=2, n_kv_head=2, mlp_hidden=128, seq_len=64)
 
@@ -130,13 +132,13 @@ def test_merge_run_gives_the_same_logits(tmp_path, qlora):
     run = make_adapter_run(tmp_path, qlora)
     unmerged, _, _ = load_model(run)
     assert hasattr(unmerged, "peft_config")
-    A.merge_run(run, tmp_path / "merged")
+    merge_run(run, tmp_path / "merged")
     merged, _, config = load_model(tmp_path / "merged")
     assert type(merged) is GPT and config["merged_from"] == str(run.resolve())
     with torch.no_grad():
         assert torch.allclose(unmerged(X), merged(X), atol=1e-5)
     with pytest.raises(ConfigError, match="already holds a run"):
-        A.merge_run(run, tmp_path / "merged")
+        merge_run(run, tmp_path / "merged")
 
 
 def test_qlora_4bit_forward_backward_and_memory():

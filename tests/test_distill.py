@@ -14,7 +14,7 @@ def runs(tmp_path_factory):
 
 
 def test_offline_and_onpolicy(runs, tmp_path):
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
     from gptstack.train.distill import DistillConfig, distill
 
     student, teacher = runs
@@ -36,7 +36,7 @@ def test_offline_and_onpolicy(runs, tmp_path):
 
 
 def test_onpolicy_kl_to_itself_is_zero(runs):
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
     from gptstack.train.distill import onpolicy_loss
 
     student, _ = runs
@@ -53,7 +53,7 @@ def test_teacher_reward_is_mean_logprob(runs):
     from gptstack.data.tasks import generate_mixture
     from gptstack.infer.engine import Completion
     from gptstack.model.heads import response_logprobs
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
     from gptstack.train.rewards import build_reward
 
     student, teacher = runs

@@ -2,7 +2,7 @@
 completes, never loads a half-written checkpoint, and, where resume is exact, ends with the weights of the
 uninterrupted run.
 
-Deterministic kill points come from the fault hook of train/checkpoint.py: GPTSTACK_FAULT_KILL=POINT[@K]
+Deterministic kill points come from the fault hook of io.py: GPTSTACK_FAULT_KILL=POINT[@K]
 SIGKILLs the process at POINT of its K-th checkpoint commit (`staged`, `commit:N` after N renames, `done`).
 Timed kills land at seeded random moments. The killed runs are real `gptstack` subprocesses; the reruns are
 the same command through the CLI's main() in this process (it saves a torch start-up per rerun)."""
@@ -21,8 +21,9 @@ import pytest
 import torch
 
 from gptstack.cli import main
-from gptstack.train import checkpoint
-from gptstack.train.checkpoint import JOURNAL, STAGING_PREFIX, commit_checkpoint, load_model, recover_run
+from gptstack import io as checkpoint
+from gptstack.io import JOURNAL, STAGING_PREFIX, commit_checkpoint, recover_run
+from gptstack.runs import load_model
 
 TINY = ["--vocab-size", "320", "--depth", "1", "--n-embd", "64", "--seq-len", "32", "--batch-size", "4",
         "--total-batch-tokens", "0", "--minutes", "0", "--eval-every", "100", "--eval-tokens", "256",

@@ -8,7 +8,7 @@ from gptstack.config import TrainConfig
 from gptstack.data.loader import TokenBatches
 from gptstack.errors import CheckpointError, ConfigError
 from gptstack.model.gpt import GPT
-from gptstack.train.checkpoint import load_model
+from gptstack.runs import load_model
 from gptstack.train.loop import Stage, train
 from gptstack.train.pretrain import lm_loss
 

@@ -85,7 +85,7 @@ def test_param_count_and_flops(tiny_config):
 
 
 def test_depth_dial():
-    from gptstack.config import model_config_from_depth
+    from gptstack.model.gpt import model_config_from_depth
 
     c = model_config_from_depth(12, 32768, 2048)
     assert (c.n_embd, c.n_head, c.head_dim, c.mlp_hidden) == (768, 12, 64, 2048)
@@ -96,7 +96,7 @@ def test_depth_dial():
 def test_width_override_keeps_heads_consistent():
     import pytest
 
-    from gptstack.config import model_config_from_depth
+    from gptstack.model.gpt import model_config_from_depth
     from gptstack.errors import ConfigError
 
     c = model_config_from_depth(2, 320, 64, n_embd=128, n_kv_head=1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from gptstack.config import TrainConfig, model_config_from_depth
+from gptstack.config import TrainConfig
+from gptstack.model.gpt import model_config_from_depth
 from gptstack.model.gpt import GPT
 from gptstack.train.muon import Muon, orthogonalise
 from gptstack.train.optim import build_optimizers

@@ -7,7 +7,8 @@ from _infer_util import save_run, tiny_model
 from gptstack.errors import ConfigError
 from gptstack.infer.engine import Engine
 from gptstack.infer.sampling import SamplingParams
-from gptstack.model.quant import Int8Linear, load_quantized, model_bytes, quantize
+from gptstack.model.quant import Int8Linear, model_bytes, quantize
+from gptstack.runs import load_model
 
 
 def test_int8_linear_error_bound():
@@ -60,7 +61,7 @@ def test_bitsandbytes_modes_run(tiny_tokenizer, mode):
 
 def test_load_quantized_and_bad_mode(tmp_path, tiny_tokenizer):
     run = save_run(tmp_path / "r", tiny_model(tiny_tokenizer), tiny_tokenizer)
-    m, tok, _ = load_quantized(run, "cpu", "int8")
+    m, tok, _ = load_model(run, "cpu", quantize="int8")
     assert any(isinstance(mod, Int8Linear) for mod in m.modules())
     with pytest.raises(ConfigError):
-        load_quantized(run, "cpu", "int3")
+        load_model(run, "cpu", quantize="int3")

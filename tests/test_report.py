@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gptstack.errors import DataError
-from gptstack.eval.report import build_report, collect
+from gptstack.pipeline.report import build_report, collect
 
 NASTY = '<script>alert("x")</script> & <b>bold</b>'
 TASKS = ("arithmetic_direct", "arithmetic_cot", "spelling", "extraction")

@@ -23,7 +23,8 @@ def separable_pairs(n):
 def test_reward_model_learns_separable_preferences(run, tmp_path):
     from gptstack.data.preference import save_preferences
     from gptstack.model.heads import reward_scorer
-    from gptstack.train.reward import RewardConfig, load_reward_model, train_reward
+    from gptstack.train.reward import RewardConfig, train_reward
+    from gptstack.runs import load_reward_model
 
     save_preferences(separable_pairs(48), tmp_path / "prefs.jsonl")
     cfg = RewardConfig(out=str(tmp_path / "rm"), prefs=str(tmp_path / "prefs.jsonl"), steps=25, batch_size=8,
@@ -45,11 +46,12 @@ def test_reward_model_learns_separable_preferences(run, tmp_path):
 def test_reward_lora_head_trained_in_full(run, tmp_path):
     pytest.importorskip("peft")
     from gptstack.data.preference import save_preferences
-    from gptstack.train.reward import RewardConfig, load_reward_model, train_reward
+    from gptstack.train.reward import RewardConfig, train_reward
+    from gptstack.runs import load_reward_model
 
     save_preferences(separable_pairs(16), tmp_path / "prefs.jsonl")
     cfg = RewardConfig(out=str(tmp_path / "rm_lora"), prefs=str(tmp_path / "prefs.jsonl"), steps=2, batch_size=4,
-                       lr=1e-3, val_frac=0.25, eval_every=2, device="cpu", progress=False, lora_rank=4)
+                       lr=1e-3, val_frac=0.25, eval_every=2, device="cpu", progress=False, lora=True, lora_rank=4)
     train_reward(run, cfg)
     assert (tmp_path / "rm_lora" / "adapter").is_dir() and not (tmp_path / "rm_lora" / "model.safetensors").exists()
     rm, tok, _ = load_reward_model(tmp_path / "rm_lora")
@@ -58,7 +60,7 @@ def test_reward_lora_head_trained_in_full(run, tmp_path):
 
 def test_missing_or_wrong_reward_run(run, tmp_path):
     from gptstack.errors import CheckpointError
-    from gptstack.train.reward import load_reward_model
+    from gptstack.runs import load_reward_model
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_reward_model(tmp_path / "nothing")
@@ -70,11 +72,13 @@ def test_preferences_from_ranked_samples(run, tmp_path):
     from gptstack.data.preference import load_preferences
     from gptstack.train.reward import build_preferences
 
-    pairs, stats = build_preferences(run, "arithmetic_direct,spelling", samples_per_prompt=3, n_prompts=6,
-                                     out=str(tmp_path / "p.jsonl"), max_new_tokens=6, device="cpu")
+    from gptstack.config import PreferencesConfig
+
+    pairs, stats = build_preferences(run, PreferencesConfig(tasks="arithmetic_direct,spelling", samples=3, n_prompts=6,
+                                                            out=str(tmp_path / "p.jsonl"), max_new_tokens=6, device="cpu"))
     assert stats["prompts"] == 6 and stats["pairs"] + stats["ties"] == 6
     if pairs:
         assert len(load_preferences(tmp_path / "p.jsonl")) == len(pairs)
     from gptstack.errors import ConfigError
     with pytest.raises(ConfigError):
-        build_preferences(run, "spelling", samples_per_prompt=1, n_prompts=2, device="cpu")
+        build_preferences(run, PreferencesConfig(tasks="spelling", samples=1, n_prompts=2, device="cpu"))

@@ -14,7 +14,7 @@ def make_run(tmp: Path, name="sft", seed=0) -> Path:
     from gptstack.data.tasks import generate_mixture
     from gptstack.model.gpt import GPT, GPTConfig
     from gptstack.tokenizer import Tokenizer
-    from gptstack.train.checkpoint import atomic_write_json, save_weights
+    from gptstack.io import atomic_write_json, save_weights
 
     texts = [m["content"] for ex in generate_mixture("arithmetic_direct,spelling", "train", 40, 0) for m in ex.messages]
     tok = Tokenizer.train(texts, vocab_size=300)
@@ -84,7 +84,7 @@ def test_one_step_changes_every_trainable_parameter(run, tmp_path, algo):
     logged = {k for r in train_records for k in r if k.startswith("task_accuracy_")}
     assert logged and logged <= {"task_accuracy_arithmetic_direct", "task_accuracy_spelling"}
     # the run directory is an ordinary LM run
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
     loaded, _, cfg = load_model(tmp_path / algo)
     assert cfg["stage"] == f"rl-{algo}"
     if algo == "ppo":
@@ -114,11 +114,11 @@ def test_dpo_step_and_frozen_reference(run, tmp_path):
 def test_lora_reference_is_the_base_with_adapters_disabled(run, tmp_path):
     pytest.importorskip("peft")
     from gptstack.model.heads import response_logprobs
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
     from gptstack.train.loop import train
     from gptstack.train.rl import prepare_rl, reference_logprobs
 
-    setup = prepare_rl(run, rl_cfg(tmp_path / "lora", algo="grpo", lora_rank=4, lr=1e-2), reward_fn=text_reward)
+    setup = prepare_rl(run, rl_cfg(tmp_path / "lora", algo="grpo", lora=True, lora_rank=4, lr=1e-2), reward_fn=text_reward)
     assert setup.ref is None
     base_before = {n: p.detach().clone() for n, p in setup.policy.named_parameters() if not p.requires_grad}
     train(setup.stage, setup.cfg)

@@ -12,7 +12,8 @@ from gptstack.cli import main
 from gptstack.data.chat import ChatBatches, block_causal_mask, encode_conversations
 from gptstack.model.gpt import GPT, GPTConfig
 from gptstack.tokenizer import Tokenizer
-from gptstack.train.checkpoint import atomic_write_json, load_model, save_weights
+from gptstack.io import atomic_write_json, save_weights
+from gptstack.runs import load_model
 from gptstack.train.sft import SFTConfig, sft, sft_loss
 
 CONVS = [
@@ -283,7 +284,7 @@ def test_cli_tasks(tmp_path, capsys):
 def test_lora_on_the_head_itself_trains_and_reloads(tok, base_run, tmp_path):
     """lm_head in --lora-targets: the head gets LoRA factors (no separate special-token rows for it, which PEFT
     cannot put on a LoRA layer), the run trains and loads back."""
-    from gptstack.train.checkpoint import load_model
+    from gptstack.runs import load_model
 
     out = tmp_path / "head"
     sft(base_run, tiny_cfg(out, steps=1, lora=True, val_conversations=0,

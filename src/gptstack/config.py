@@ -1,6 +1,11 @@
-"""Configuration: the depth dial, the shared training config, presets, and the one place devices are chosen.
+"""Configuration: every stage's config dataclass, documented field by field, torch-free.
 
-The depth dial (after nanochat): everything follows from the number of layers.
+Each field is declared with `opt(default, help, choices=...)`: its documentation and its allowed values live
+here once, and the CLI's `--help`, the flag parser, the preset validator and `validate()` all read them.
+Presets (src/gptstack/presets/*.toml, loaded by pipeline/presets.py) fill these same fields.
+
+The depth dial (after nanochat; model/gpt.py `model_config_from_depth`): everything follows from the
+number of layers.
     n_embd     = 64 · depth                      (aspect ratio 64)
     head_dim   = 64 below 1024 wide, else 128;   n_head = n_embd / head_dim;  n_kv_head = n_head (GQA by flag)
     mlp_hidden = 8/3 · n_embd rounded up to 64   (SwiGLU keeps the 4x MLP's parameter count)
@@ -13,118 +18,64 @@ Each value stays overridable by its own flag.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, fields, replace
-
-from typing import TYPE_CHECKING
+import difflib
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 
-if TYPE_CHECKING:  # torch-free: `gptstack --help` builds every parser from these classes without torch
-    from .model.gpt import GPTConfig
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field with its documentation (shown by `--help`) and, optionally, its allowed values."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def model_config_from_depth(depth: int, vocab_size: int, seq_len: int, n_embd: int | None = None,
-                            n_kv_head: int | None = None, **overrides) -> "GPTConfig":
-    """The dial's model; `n_embd` overrides the width (heads and MLP follow the width), `n_kv_head` turns on
-    grouped-query attention, other GPTConfig fields override directly."""
-    from .model.gpt import GPTConfig
-
-    if depth < 1:
-        raise ConfigError(f"--depth must be at least 1, got {depth}")
-    n_embd = n_embd or 64 * depth
-    if n_embd < 64 or n_embd % 64:
-        raise ConfigError(f"--n-embd must be a positive multiple of 64, got {n_embd}")
-    head_dim = 64 if n_embd < 1024 else 128
-    n_head = max(1, n_embd // head_dim)
-    cfg = GPTConfig(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or n_head,
-                    mlp_hidden=64 * math.ceil(8 * n_embd / 3 / 64), seq_len=seq_len)
-    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
-    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head:
-        raise ConfigError(f"n_embd {cfg.n_embd} must divide into n_head {cfg.n_head} heads, "
-                          f"and n_head into n_kv_head {cfg.n_kv_head} groups")
-    return cfg
+def field_help(f) -> str:
+    return f.metadata.get("help", "")
 
 
-@dataclass
-class TrainConfig:
-    """What every training stage shares: budget, batch, optimizer, schedule, logging, checkpoints."""
-    out: str = "runs/base"
-    steps: int = 0                 # 0: follow from minutes, or from the token budget
-    minutes: float = 0.0           # wall-clock budget; the LR schedule then runs on elapsed time
-    batch_size: int = 16           # rows per micro-batch (per rank)
-    seq_len: int = 256
-    total_batch_tokens: int = 0    # tokens per optimizer step; > micro-batch x world means gradient accumulation
-    optimizer: str = "muon"        # muon: Muon on hidden matrices + AdamW elsewhere; adamw: AdamW everywhere
-    lr: float = 3e-3               # AdamW-only learning rate (optimizer=adamw), also LoRA / heads
-    matrix_lr: float = 0.02        # Muon
-    embedding_lr: float = 0.2      # AdamW, embeddings (scaled by (n_embd/768)^-0.5)
-    unembedding_lr: float = 0.004  # AdamW, lm_head (scaled likewise)
-    scalar_lr: float = 0.02        # AdamW, norm gains and other vectors
-    weight_decay: float = 0.0
-    schedule: str = "wsd"          # wsd (warmup-stable-decay) | cosine | constant
-    warmup_frac: float = 0.02
-    decay_frac: float = 0.4        # wsd: the final fraction spent decaying to min_lr_frac
-    min_lr_frac: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 100
-    eval_tokens: int = 131072
-    log_every: int = 10
-    sample_every: int = 0
-    save_every: int = 0            # 0: save at the end (and when interrupted)
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"            # auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32
-    compile: bool = False
-    resume: bool = False
-    progress: bool = True
-    wandb: str = ""                # project name: log there too when wandb is installed
-    tensorboard: bool = False
-
-    def validate(self) -> None:
-        if self.optimizer not in ("muon", "adamw"):
-            raise ConfigError(f"--optimizer must be muon or adamw, got {self.optimizer!r}")
-        if self.schedule not in ("wsd", "cosine", "constant"):
-            raise ConfigError(f"--schedule must be wsd, cosine or constant, got {self.schedule!r}")
-        if self.batch_size < 1 or self.seq_len < 2:
-            raise ConfigError("--batch-size must be >= 1 and --seq-len >= 2")
-        if self.steps < 0 or self.minutes < 0:
-            raise ConfigError("--steps and --minutes cannot be negative")
+def field_choices(f) -> tuple | None:
+    return f.metadata.get("choices")
 
 
-@dataclass
-class PretrainConfig(TrainConfig):
-    corpus: str = "shakespeare"
-    text_field: str = "text"
-    tokenizer: str = ""            # a tokenizer dir or run dir to reuse; empty: train one on the corpus
-    vocab_size: int = 8192
-    val_frac: float = 0.05
-    depth: int = 4
-    n_kv_head: int = 0             # 0: no GQA
-    n_embd: int = 0                # 0: from depth
-    qk_norm: bool = True
-    tie_embeddings: bool = False
-    tokens_per_param: float = 20.0
+def settable_fields(cls) -> list:
+    """The fields a user sets (flags, preset keys): all but those the stage derives itself (`DERIVED`)."""
+    derived = getattr(cls, "DERIVED", {})
+    return [f for f in fields(cls) if f.name not in derived]
 
 
-PRESETS: dict[str, dict] = {
-    # 2-core CPU, minutes: d4, 8 Ki vocab, T=256
-    "tiny": dict(depth=4, vocab_size=8192, seq_len=256, batch_size=32, total_batch_tokens=8192, minutes=6.0,
-                 eval_every=100, eval_tokens=65536, sample_every=0),
-    # one GPU node, hours: the nanochat-style speedrun scales
-    "d12": dict(depth=12, vocab_size=32768, seq_len=2048, batch_size=32, total_batch_tokens=524288, minutes=0.0,
-                eval_every=250, eval_tokens=10 * 524288, compile=True),
-    "d20": dict(depth=20, vocab_size=32768, seq_len=2048, batch_size=32, total_batch_tokens=524288, minutes=0.0,
-                eval_every=250, eval_tokens=10 * 524288, compile=True),
-}
+def check_choices(cfg) -> None:
+    for f in fields(cfg):
+        allowed = field_choices(f)
+        if allowed and getattr(cfg, f.name) not in allowed:
+            raise ConfigError(f"--{f.name.replace('_', '-')} must be one of {', '.join(map(str, allowed))}, "
+                              f"got {getattr(cfg, f.name)!r}")
 
 
-def apply_preset(cfg, preset: str, explicit: set[str] = frozenset()):
-    """Fill `cfg` from a preset, leaving fields the user set explicitly (`explicit`) untouched."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    names = {f.name for f in fields(cfg)}
-    return replace(cfg, **{k: v for k, v in PRESETS[preset].items() if k in names and k not in explicit})
+def apply_preset(cfg, values: dict, explicit: set[str] = frozenset()):
+    """Fill `cfg` from a preset's values for its stage, leaving fields the user set explicitly untouched."""
+    check_fields(type(cfg), values, "preset")
+    return replace(cfg, **{k: v for k, v in values.items() if k not in explicit})
+
+
+def check_fields(cls, values: dict, where: str) -> None:
+    """Every key must be a settable field of `cls` with a value of the field's type (a clear error otherwise)."""
+    known = {f.name: f for f in settable_fields(cls)}
+    derived = getattr(cls, "DERIVED", {})
+    for key, value in values.items():
+        if key in derived:
+            raise ConfigError(f"{where}: '{key}' is not a setting of {cls.__name__}: {derived[key]}")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            raise ConfigError(f"{where}: unknown field '{key}' for {cls.__name__}"
+                              + (f" (did you mean '{close[0]}'?)" if close else ""))
+        default = known[key].default
+        ok = (isinstance(value, bool) if isinstance(default, bool) else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float) else
+              isinstance(value, int) and not isinstance(value, bool) if isinstance(default, int) else
+              isinstance(value, str) if isinstance(default, str) else True)
+        if not ok:
+            raise ConfigError(f"{where}: '{key}' must be {type(default).__name__}, got {value!r}")
 
 
 def config_to_dict(cfg) -> dict:
@@ -136,107 +87,177 @@ def config_from_dict(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in known})
 
 
-# ---- stage configs (torch-free, so `gptstack --help` builds every parser without importing torch) ------
+# ---- what every training stage shares ---------------------------------------------------------------------
 
-DEFAULT_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+@dataclass
+class TrainConfig:
+    """Budget, batch, optimizer, schedule, logging, checkpoints: the training loop's settings."""
+    # fields a stage derives itself instead of reading (not offered as flags; a preset setting one is an error)
+    DERIVED: ClassVar[dict[str, str]] = {
+        "eval_tokens": "only pretraining measures held-out text", "sample_every": "only pretraining samples text"}
+
+    out: str = opt("runs/base", "the run directory to write (and resume)")
+    steps: int = opt(0, "optimizer steps; 0: follow from --minutes, or from the token budget")
+    minutes: float = opt(0.0, "wall-clock training budget; the LR schedule then runs on elapsed time "
+                              "(with --steps too, whichever ends first); 0: no time limit")
+    batch_size: int = opt(16, "rows per micro-batch (per rank)")
+    seq_len: int = opt(256, "tokens per row")
+    total_batch_tokens: int = opt(0, "tokens per optimizer step; more than a micro-batch x ranks means gradient "
+                                     "accumulation; 0: one micro-batch per step")
+    optimizer: str = opt("muon", "muon: Muon on hidden matrices + AdamW elsewhere; adamw: AdamW everywhere",
+                         ("muon", "adamw"))
+    lr: float = opt(3e-3, "AdamW learning rate with --optimizer adamw; also of LoRA factors and heads")
+    matrix_lr: float = opt(0.02, "Muon learning rate (hidden matrices)")
+    embedding_lr: float = opt(0.2, "AdamW learning rate of the embeddings (scaled by (n_embd/768)^-0.5)")
+    unembedding_lr: float = opt(0.004, "AdamW learning rate of lm_head (scaled likewise)")
+    scalar_lr: float = opt(0.02, "AdamW learning rate of norm gains and other vectors")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    schedule: str = opt("wsd", "LR schedule: warmup-stable-decay, cosine, or constant after warmup",
+                        ("wsd", "cosine", "constant"))
+    warmup_frac: float = opt(0.02, "fraction of the budget spent warming up")
+    decay_frac: float = opt(0.4, "wsd: the final fraction of the budget spent decaying to --min-lr-frac")
+    min_lr_frac: float = opt(0.0, "the LR at the end, as a fraction of the peak")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    eval_every: int = opt(100, "evaluate every N steps (0: only at the end)")
+    eval_tokens: int = opt(131072, "held-out tokens per evaluation")
+    log_every: int = opt(10, "log every N steps")
+    sample_every: int = opt(0, "print a sample every N steps (0: never)")
+    save_every: int = opt(0, "checkpoint every N steps (0: at the end, and when interrupted)")
+    seed: int = opt(0, "random seed (data order, initialisation, sampling)")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
+    dtype: str = opt("auto", "auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32",
+                     ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"))
+    compile: bool = opt(False, "torch.compile the model")
+    resume: bool = opt(False, "continue from the run's last committed checkpoint")
+    progress: bool = opt(True, "show a progress bar")
+    wandb: str = opt("", "a wandb project name: log there too (when wandb is installed)")
+    tensorboard: bool = opt(False, "also write TensorBoard logs under the run directory")
+
+    def validate(self) -> None:
+        check_choices(self)
+        if self.batch_size < 1 or self.seq_len < 2:
+            raise ConfigError("--batch-size must be >= 1 and --seq-len >= 2")
+        if self.steps < 0 or self.minutes < 0:
+            raise ConfigError("--steps and --minutes cannot be negative")
 
 
 @dataclass
-class SFTConfig(TrainConfig):
-    out: str = "runs/sft"
-    data: str = "tasks"            # "tasks" (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]
-    tasks: str = "all"             # data=tasks: "all" or a list of task names, each optionally name:weight
-    examples_per_task: int = 3000  # data=tasks: train-split examples of each task
-    max_examples: int = 0          # file data: read at most this many conversations (0: all)
-    val_conversations: int = 280   # held out for the periodic masked val loss (tasks: from the test split)
-    pack: bool = True              # several conversations per row (measured 2.0x the trained tokens/s of padding)
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    lora_targets: str = DEFAULT_LORA_TARGETS   # lm_head / embed_tokens only when listed
-    lora_train_specials: bool = True   # also train the embedding and head rows of the chat special tokens
-    qlora: bool = False            # LoRA on a 4-bit (nf4) base through bitsandbytes; implies lora
+class LoraOptions:
+    """LoRA through PEFT, the same flags and defaults in every stage that trains a policy."""
+    lora: bool = opt(False, "train LoRA adapters on a frozen base instead of every weight")
+    lora_rank: int = opt(16, "LoRA rank r")
+    lora_alpha: float = opt(32.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_targets: str = opt("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                            "comma-separated module names that get adapters (lm_head / embed_tokens only when listed)")
+
+    def validate_lora(self) -> None:
+        if self.lora and (self.lora_rank < 1 or self.lora_alpha <= 0):
+            raise ConfigError("--lora-rank must be at least 1 and --lora-alpha positive")
+
+
+DEFAULT_LORA_TARGETS = LoraOptions.__dataclass_fields__["lora_targets"].default
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    DERIVED: ClassVar[dict[str, str]] = {}
+    corpus: str = opt("shakespeare", "the text: shakespeare (embedded), a .txt file or folder, .jsonl, .parquet, "
+                                     "or a datasets name")
+    text_field: str = opt("text", "the text field of .jsonl / .parquet / datasets documents")
+    tokenizer: str = opt("", "a tokenizer or run directory to reuse; empty: train one on the corpus")
+    vocab_size: int = opt(8192, "vocabulary size of a newly trained tokenizer")
+    val_frac: float = opt(0.05, "fraction of documents held out for validation bits per byte")
+    depth: int = opt(4, "Transformer layers: the dial the width, heads and LRs follow")
+    n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0: as many as query heads")
+    n_embd: int = opt(0, "model width; 0: 64 x depth")
+    qk_norm: bool = opt(True, "RMS-normalise queries and keys per head")
+    tie_embeddings: bool = opt(False, "share the embedding and lm_head matrices")
+    tokens_per_param: float = opt(20.0, "token budget in tokens per parameter (Chinchilla: 20), when neither "
+                                        "--steps nor --minutes is given")
+
+
+@dataclass
+class SFTConfig(LoraOptions, TrainConfig):
+    out: str = opt("runs/sft", "the run directory to write (and resume)")
+    data: str = opt("tasks", "tasks (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]")
+    tasks: str = opt("all", "with --data tasks: 'all' or task names, each optionally NAME:WEIGHT")
+    examples_per_task: int = opt(3000, "with --data tasks: train-split examples per task (times its weight)")
+    max_examples: int = opt(0, "file data: read at most this many conversations (0: all)")
+    val_conversations: int = opt(280, "conversations held out for the periodic masked val loss (tasks: from the "
+                                      "test split)")
+    pack: bool = opt(True, "pack several conversations per row (measured 2.0x the trained tokens/s of padding)")
+    lora_train_specials: bool = opt(True, "with --lora: also train the embedding and head rows of the chat special "
+                                          "tokens (a young base has never seen them)")
+    qlora: bool = opt(False, "LoRA on a 4-bit (nf4) base through bitsandbytes; implies --lora")
     # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
-    steps: int = 200               # whichever ends first: 200 steps (~2.8 min on an idle 2-core CPU) or 2.5 min
-    minutes: float = 2.5
-    batch_size: int = 8
-    seq_len: int = 0               # 0: the parent model's context
-    lr: float = 1e-2               # AdamW: LoRA factors (with Muon, nothing else); lower it for --optimizer adamw
-    matrix_lr: float = 0.01
-    embedding_lr: float = 0.1
-    unembedding_lr: float = 0.004
-    warmup_frac: float = 0.05
-    decay_frac: float = 0.5
-    eval_every: int = 25
-    log_every: int = 5
+    steps: int = opt(200, "optimizer steps (with --minutes, whichever ends first)")
+    minutes: float = opt(2.5, "wall-clock budget (0: none)")
+    batch_size: int = opt(8, "rows per micro-batch (per rank)")
+    seq_len: int = opt(0, "tokens per row; 0: the parent model's context")
+    lr: float = opt(1e-2, "AdamW learning rate: LoRA factors (with Muon, nothing else); lower it for "
+                          "--optimizer adamw")
+    matrix_lr: float = opt(0.01, "Muon learning rate (hidden matrices)")
+    embedding_lr: float = opt(0.1, "AdamW learning rate of the embeddings")
+    unembedding_lr: float = opt(0.004, "AdamW learning rate of lm_head")
+    warmup_frac: float = opt(0.05, "fraction of the budget spent warming up")
+    decay_frac: float = opt(0.5, "wsd: the final fraction of the budget spent decaying")
+    eval_every: int = opt(25, "masked val loss every N steps (0: only at the end)")
+    log_every: int = opt(5, "log every N steps")
 
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
         if self.examples_per_task < 1:
             raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
         if self.max_examples < 0 or self.val_conversations < 0:
             raise ConfigError("--max-examples and --val-conversations cannot be negative")
 
 
-# The tiny preset is the default above (2-core CPU, ~2.5 minutes); GPU presets train on more data for longer.
-
-
-SFT_PRESETS: dict[str, dict] = {
-    "tiny": {},
-    "d12": dict(minutes=0.0, steps=1000, batch_size=32, examples_per_task=20000, eval_every=100, log_every=10,
-                compile=True),
-    "d20": dict(minutes=0.0, steps=1500, batch_size=32, examples_per_task=30000, eval_every=100, log_every=10,
-                compile=True),
-}
-
-
-def apply_sft_preset(cfg: SFTConfig, preset: str, explicit: set[str] = frozenset()) -> SFTConfig:
-    if preset not in SFT_PRESETS:
-        raise ConfigError(f"unknown SFT preset {preset!r}; choose one of {', '.join(SFT_PRESETS)}")
-    names = {f.name for f in fields(cfg)}
-    return replace(cfg, **{k: v for k, v in SFT_PRESETS[preset].items() if k in names and k not in explicit})
+_ROLLOUT_BATCH = "the RL step's batch is its rollout: --n-prompts x --samples rows, split into --minibatches"
 
 
 @dataclass
-class RLConfig(TrainConfig):
-    out: str = "runs/rl"
-    algo: str = "grpo"               # grpo | ppo
-    reward: str = "task"             # task, rm:RUN, semantic, teacher:RUN, each optionally =WEIGHT
-    tasks: str = "extraction,spelling"   # tasks the tiny SFT model gets partly right: where RL has signal
-    train_examples: int = 2000       # the pool of training prompts, visited in a seeded order
-    eval_examples: int = 64          # held-out (test split) prompts per task for the greedy accuracy
-    n_prompts: int = 16              # prompts per rollout
-    samples: int = 8                 # replies per prompt (GRPO's group size K)
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    top_k: int = 0
-    update_epochs: int = 2           # passes over each rollout: sampling is the cost, so reuse it (clipped)
-    minibatches: int = 2             # optimizer steps per pass
-    clip: float = 0.2
-    kl_coef: float = 0.02            # GRPO β on the k3 term; PPO's initial per-token KL penalty
-    kl_target: float = 0.0           # PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/seq)
-    kl_horizon: int = 2000
-    gamma: float = 1.0
-    lam: float = 0.95
-    vf_coef: float = 0.5
-    value_clip: float = 0.2
-    scale_rewards: bool = True       # GRPO: divide by the group's std (False: Dr. GRPO centring only)
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    steps: int = 40
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_frac: float = 0.0
-    grad_clip: float = 1.0
-    eval_every: int = 20
-    log_every: int = 1
+class RLConfig(LoraOptions, TrainConfig):
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "batch_size": _ROLLOUT_BATCH,
+                                         "total_batch_tokens": _ROLLOUT_BATCH,
+                                         "seq_len": "rows are prompt + up to --max-new-tokens reply tokens"}
+    out: str = opt("runs/rl", "the run directory to write (and resume)")
+    algo: str = opt("grpo", "grpo: group-relative advantages, no value model; ppo: a value head and GAE",
+                    ("grpo", "ppo"))
+    reward: str = opt("task", "reward terms, comma-separated, each optionally TERM=WEIGHT: task (the task's "
+                              "checker), rm:RUN (a reward model), semantic (MiniLM similarity to the reference), "
+                              "teacher:RUN (a teacher's mean log-probability)")
+    tasks: str = opt("extraction,spelling", "tasks whose prompts are rolled out (see 'gptstack tasks list')")
+    train_examples: int = opt(2000, "the pool of training prompts, visited in a seeded order")
+    eval_examples: int = opt(64, "held-out (test split) prompts per task for the greedy accuracy")
+    n_prompts: int = opt(16, "prompts per rollout")
+    samples: int = opt(8, "replies sampled per prompt (GRPO's group size)")
+    max_new_tokens: int = opt(40, "the longest reply, in new tokens")
+    temperature: float = opt(1.0, "sampling temperature of the rollouts")
+    top_k: int = opt(0, "top-k of the rollouts (0: off)")
+    update_epochs: int = opt(2, "passes over each rollout (sampling is the cost, so reuse it, clipped)")
+    minibatches: int = opt(2, "optimizer steps per pass")
+    clip: float = opt(0.2, "PPO ratio clip epsilon")
+    kl_coef: float = opt(0.02, "GRPO: beta on the k3 KL term; PPO: the initial per-token KL penalty")
+    kl_target: float = opt(0.0, "PPO: > 0 makes the KL coefficient adaptive towards this KL (nats/sequence)")
+    kl_horizon: int = opt(2000, "PPO adaptive KL: the horizon of the controller")
+    gamma: float = opt(1.0, "PPO discount")
+    lam: float = opt(0.95, "PPO GAE lambda")
+    vf_coef: float = opt(0.5, "PPO value-loss weight")
+    value_clip: float = opt(0.2, "PPO value clip")
+    scale_rewards: bool = opt(True, "GRPO: divide advantages by the group's std (off: Dr. GRPO centring only)")
+    steps: int = opt(40, "optimizer steps (with --minutes, whichever ends first)")
+    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
+    lr: float = opt(1e-4, "learning rate")
+    schedule: str = opt("constant", "LR schedule", ("wsd", "cosine", "constant"))
+    warmup_frac: float = opt(0.0, "fraction of the budget spent warming up")
+    eval_every: int = opt(20, "held-out greedy accuracy every N steps (0: only at the end)")
+    log_every: int = opt(1, "log every N steps")
 
     def validate(self) -> None:
         super().validate()
-        if self.algo not in ("grpo", "ppo"):
-            raise ConfigError(f"--algo must be ppo or grpo, got {self.algo!r}")
+        self.validate_lora()
         if self.algo == "grpo" and self.samples < 2:
             raise ConfigError(f"GRPO compares samples within a group: --samples must be at least 2, got {self.samples}")
         if self.samples < 1 or self.n_prompts < 1 or self.max_new_tokens < 1:
@@ -247,55 +268,57 @@ class RLConfig(TrainConfig):
             raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
 
 
+_PAIR_ROWS = "pair rows are prompt + reply, cut at --max-len"
+
+
 @dataclass
-class DPOConfig(TrainConfig):
-    out: str = "runs/dpo"
-    prefs: str = ""
-    loss: str = "sigmoid"          # sigmoid (DPO) | ipo
-    beta: float = 0.1
-    max_len: int = 192
-    val_frac: float = 0.1
-    steps: int = 60
-    batch_size: int = 8            # pairs per step
-    optimizer: str = "adamw"
-    lr: float = 1e-5
-    schedule: str = "cosine"
-    warmup_frac: float = 0.1
-    eval_every: int = 30
-    log_every: int = 5
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
+class DPOConfig(LoraOptions, TrainConfig):
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "seq_len": _PAIR_ROWS,
+                                         "total_batch_tokens": "one batch of --batch-size pairs per step"}
+    out: str = opt("runs/dpo", "the run directory to write (and resume)")
+    prefs: str = opt("", "preference pairs (JSONL: prompt, chosen, rejected)")
+    loss: str = opt("sigmoid", "sigmoid (DPO) or ipo", ("sigmoid", "ipo"))
+    beta: float = opt(0.1, "strength of the implicit KL to the reference")
+    max_len: int = opt(192, "tokens per prompt + reply; longer replies are cut")
+    val_frac: float = opt(0.1, "held-out pairs for preference accuracy and margins")
+    steps: int = opt(60, "optimizer steps (with --minutes, whichever ends first)")
+    batch_size: int = opt(8, "pairs per step")
+    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
+    lr: float = opt(1e-5, "learning rate")
+    schedule: str = opt("cosine", "LR schedule", ("wsd", "cosine", "constant"))
+    warmup_frac: float = opt(0.1, "fraction of the budget spent warming up")
+    eval_every: int = opt(30, "held-out evaluation every N steps (0: only at the end)")
+    log_every: int = opt(5, "log every N steps")
 
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
         if not self.prefs:
             raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
-        if self.loss not in ("sigmoid", "ipo"):
-            raise ConfigError(f"--loss must be sigmoid or ipo, got {self.loss!r}")
         if self.beta <= 0:
             raise ConfigError(f"--beta must be positive, got {self.beta}")
 
 
 @dataclass
-class RewardConfig(TrainConfig):
-    out: str = "runs/reward"
-    prefs: str = ""                # preference JSONL (DESIGN.md format)
-    max_len: int = 192             # tokens per prompt + reply; longer replies are cut
-    val_frac: float = 0.15         # held-out pairs for accuracy and margin
-    steps: int = 120
-    batch_size: int = 16           # pairs per step (2x rows)
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "cosine"
-    warmup_frac: float = 0.05
-    grad_clip: float = 1.0
-    eval_every: int = 40
-    log_every: int = 10
-    lora_rank: int = 0             # 0: fine-tune the whole trunk
-    lora_alpha: float = 16.0
+class RewardConfig(LoraOptions, TrainConfig):
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "seq_len": _PAIR_ROWS,
+                                         "total_batch_tokens": "one batch of --batch-size pairs per step"}
+    out: str = opt("runs/reward", "the run directory to write (and resume)")
+    prefs: str = opt("", "preference pairs (JSONL: prompt, chosen, rejected)")
+    max_len: int = opt(192, "tokens per prompt + reply; longer replies are cut")
+    val_frac: float = opt(0.15, "held-out pairs for accuracy and margin")
+    steps: int = opt(120, "optimizer steps (with --minutes, whichever ends first)")
+    batch_size: int = opt(16, "pairs per step (2x rows)")
+    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
+    lr: float = opt(1e-4, "learning rate")
+    schedule: str = opt("cosine", "LR schedule", ("wsd", "cosine", "constant"))
+    warmup_frac: float = opt(0.05, "fraction of the budget spent warming up")
+    eval_every: int = opt(40, "held-out accuracy every N steps (0: only at the end)")
+    log_every: int = opt(10, "log every N steps")
 
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
         if not self.prefs:
             raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
         if not 0 <= self.val_frac < 1:
@@ -305,34 +328,90 @@ class RewardConfig(TrainConfig):
 
 
 @dataclass
-class DistillConfig(TrainConfig):
-    out: str = "runs/distill"
-    teacher: str = ""
-    mode: str = "onpolicy"           # offline | onpolicy | compare (both, from the same student, scored side by side)
-    tasks: str = "extraction,spelling"
-    train_examples: int = 512        # prompts the teacher answers (offline) / the student samples on (onpolicy)
-    eval_examples: int = 64
-    max_new_tokens: int = 40
-    temperature: float = 1.0
-    teacher_samples: int = 1         # offline: teacher replies per prompt
-    filter_correct: bool = False     # offline: keep only teacher replies the task checker accepts
-    n_prompts: int = 8               # onpolicy: prompts per rollout
-    samples: int = 4                 # onpolicy: student samples per prompt
-    steps: int = 40
-    batch_size: int = 16
-    seq_len: int = 256
-    optimizer: str = "adamw"
-    lr: float = 1e-4
-    schedule: str = "constant"
-    warmup_frac: float = 0.0
-    eval_every: int = 0
-    log_every: int = 5
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
+class DistillConfig(LoraOptions, TrainConfig):
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED,
+                                         "total_batch_tokens": "one batch of --batch-size rows per step"}
+    out: str = opt("runs/distill", "the run directory to write (and resume)")
+    teacher: str = opt("", "the teacher run")
+    mode: str = opt("onpolicy", "offline: SFT on the teacher's replies; onpolicy: reverse KL to the teacher on the "
+                                "student's own samples; compare: both from the same student, side by side",
+                    ("offline", "onpolicy", "compare"))
+    tasks: str = opt("extraction,spelling", "tasks whose prompts are used")
+    train_examples: int = opt(512, "prompts the teacher answers (offline) / the student samples on (onpolicy)")
+    eval_examples: int = opt(64, "held-out prompts per task for the greedy accuracy")
+    max_new_tokens: int = opt(40, "the longest reply, in new tokens")
+    temperature: float = opt(1.0, "sampling temperature")
+    teacher_samples: int = opt(1, "offline: teacher replies per prompt")
+    filter_correct: bool = opt(False, "offline: keep only teacher replies the task's checker accepts")
+    n_prompts: int = opt(8, "onpolicy: prompts per rollout")
+    samples: int = opt(4, "onpolicy: student replies sampled per prompt")
+    steps: int = opt(40, "optimizer steps (with --minutes, whichever ends first)")
+    batch_size: int = opt(16, "offline: rows per step")
+    seq_len: int = opt(256, "offline: tokens per row")
+    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
+    lr: float = opt(1e-4, "learning rate")
+    schedule: str = opt("constant", "LR schedule", ("wsd", "cosine", "constant"))
+    warmup_frac: float = opt(0.0, "fraction of the budget spent warming up")
+    eval_every: int = opt(0, "held-out evaluation every N steps (0: only at the end)")
+    log_every: int = opt(5, "log every N steps")
 
     def validate(self) -> None:
         super().validate()
+        self.validate_lora()
         if not self.teacher:
             raise ConfigError("give the teacher run: --teacher RUN_DIR")
-        if self.mode not in ("offline", "onpolicy", "compare"):
-            raise ConfigError(f"--mode must be offline, onpolicy or compare, got {self.mode!r}")
+
+
+# ---- stages that sample or measure (no training loop) ------------------------------------------------------
+
+@dataclass
+class PreferencesConfig:
+    """Sample replies from a model and rank them by the task checkers into preference pairs."""
+    out: str = opt("prefs.jsonl", "the preference JSONL to write")
+    tasks: str = opt("extraction,spelling", "tasks whose prompts are sampled")
+    samples: int = opt(4, "replies sampled per prompt (best vs worst becomes a pair)")
+    n_prompts: int = opt(256, "prompts sampled")
+    temperature: float = opt(1.0, "sampling temperature")
+    max_new_tokens: int = opt(40, "the longest reply, in new tokens")
+    seed: int = opt(0, "random seed")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N or mps")
+
+    def validate(self) -> None:
+        if self.samples < 2 or self.n_prompts < 1 or self.max_new_tokens < 1:
+            raise ConfigError("--samples must be at least 2 (a pair needs two replies), --n-prompts and "
+                              "--max-new-tokens at least 1")
+
+
+@dataclass
+class EvalConfig:
+    """The pipeline's evaluation of every stage (task accuracy, RL, ensembles, retrieval, diversity, JSON)."""
+    n_examples: int = opt(40, "test examples per task for the per-stage accuracy table (the RL task gets 10x)")
+
+    def validate(self) -> None:
+        if self.n_examples < 1:
+            raise ConfigError("eval n_examples must be at least 1")
+
+
+BUDGETS = ("minutes", "steps")
+
+
+@dataclass
+class PipelineConfig:
+    """The main job: every stage in order, its evaluation and the report."""
+    preset: str = opt("tiny", "the stage settings: a name under src/gptstack/presets/ (tiny, micro, d12, d20) or "
+                              "a .toml file of your own")
+    out: str = opt("runs/tiny", "RUN_ROOT: every stage writes under it; finished stages are reused")
+    corpus: str = opt("shakespeare", "pretraining text (see gptstack pretrain --help)")
+    budget: str = opt("minutes", "minutes: wall-clock per stage (a faster machine trains more); steps: the preset's "
+                                 "fixed optimizer steps per stage (the same assistant on any machine)", BUDGETS)
+    only: str = opt("", "comma-separated stages to run (the others must already exist where needed)")
+    skip: str = opt("", "comma-separated stages to leave out")
+    seed: int = opt(0, "random seed of every stage")
+
+    def validate(self) -> None:
+        check_choices(self)
+
+
+def default_of(cls, name: str):
+    f = cls.__dataclass_fields__[name]
+    return f.default if f.default is not MISSING else None

@@ -34,3 +34,9 @@ def require(condition: bool, error: type[GptstackError], message: str) -> None:
     """Raise `error(message)` unless `condition` holds; keeps validation one line per rule."""
     if not condition:
         raise error(message)
+
+
+class Interrupted(GptstackError):
+    """Ctrl-C: the work so far is saved; the same command continues it."""
+
+    exit_code = 130

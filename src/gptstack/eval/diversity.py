@@ -84,18 +84,10 @@ def self_bleu(samples: Sequence[str]) -> float | None:
 
 # ---- semantic diversity -----------------------------------------------------------------------------------
 
-@lru_cache(maxsize=1)
 def _embedder():
-    """The packaged MiniLM, loaded once from the installed package's model directory (no hub access)."""
-    from ..errors import DependencyError
-    from ..train.rewards import minilm_path
+    from ..data.embed import minilm
 
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise DependencyError("embedding similarity needs sentence-transformers: pip install 'gptstack[embed]' "
-                              "(or measure without it: embed=False)") from None
-    return SentenceTransformer(str(minilm_path()), device="cpu", local_files_only=True)
+    return minilm()
 
 
 def embedding_similarity(samples: Sequence[Sequence[str]]) -> float | None:

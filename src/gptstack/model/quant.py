@@ -107,15 +107,3 @@ def model_bytes(model: nn.Module) -> int:
         seen.add(t.data_ptr())
         total += t.numel() * t.element_size()
     return total
-
-
-def load_quantized(run_dir, device="cpu", mode: str | None = None):
-    """`load_model` followed by `quantize` (mode None: full precision)."""
-    from ..train.checkpoint import load_model
-
-    if mode is not None and mode not in MODES:
-        raise ConfigError(f"unknown --quantize {mode!r}; choose one of {', '.join(MODES)}")
-    model, tok, config = load_model(run_dir, device)
-    if mode:
-        quantize(model, mode)
-    return model, tok, config

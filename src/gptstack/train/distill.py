@@ -24,20 +24,10 @@ from ..config import DistillConfig
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError
 from ..model.heads import response_logprobs
-from .checkpoint import load_model
 from .losses import masked_mean, reverse_kl_per_token
 from .loop import Stage, TrainResult, train
-from .rl import (build_sequences, evaluate_policy, load_policy_state, load_trainable_policy, policy_run_config,
-                 sample_rollout, save_policy, task_examples)
-
-
-def _load_teacher(run, device):
-    if not Path(run).is_dir():
-        raise CheckpointError(f"teacher run '{run}' does not exist")
-    teacher, tok, _ = load_model(run, device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher.eval(), tok
+from .rl import build_sequences, evaluate_policy, sample_rollout, task_examples
+from ..runs import load_frozen, load_policy_state, load_trainable_policy, run_config, save_policy
 
 
 # ---- offline: teacher samples -> SFT data ------------------------------------------------------------------
@@ -69,7 +59,7 @@ def sft_loss(model, batch):
         return shared(model, batch)
     except ImportError:
         from ..data.chat import block_causal_mask
-        from ..model.heads import core_gpt
+        from ..model.gpt import core_gpt
 
         mask = block_causal_mask(batch["doc_ids"])
         return core_gpt(model)(batch["input_ids"], batch["targets"], position_ids=batch["position_ids"],
@@ -135,8 +125,8 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
 
     cfg.validate()
     device = resolve_device(cfg.device)
-    teacher, t_tok = _load_teacher(cfg.teacher, device)
-    student, tok, _ = load_trainable_policy(student_run, cfg.lora_rank, cfg.lora_alpha, device)
+    teacher, t_tok, _ = load_frozen(cfg.teacher, device, role="teacher")
+    student, tok, _ = load_trainable_policy(student_run, device, lora=cfg)
     train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
     eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples, cfg.seed, per_task=True)
     extra = {"teacher_run": str(cfg.teacher), "mode": cfg.mode}
@@ -167,7 +157,7 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
                                                            kl_samples=False).items()}
 
     stage = Stage(name=f"distill-{cfg.mode}", model=student, batches=batches, loss_fn=loss_fn,
-                  run_config=policy_run_config(f"distill-{cfg.mode}", student, tok, cfg, student_run, **extra),
+                  run_config=run_config(f"distill-{cfg.mode}", student, tok, cfg, student_run, **extra),
                   tokenizer=tok, save=save_policy, load=load_policy_state,
                   evaluate=evaluate if cfg.eval_every else None, tokens_in=tokens_in,
                   n_params=sum(p.numel() for p in student.parameters() if p.requires_grad))

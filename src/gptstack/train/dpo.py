@@ -20,8 +20,8 @@ from ..model.heads import response_logprobs
 from .losses import dpo_loss
 from .loop import Stage, TrainResult, train
 from .reward import PairBatches, collate_pairs, split_pairs
-from .rl import (frozen_reference, load_policy_state, load_trainable_policy, policy_run_config,
-                 reference_logprobs, save_policy)
+from .rl import frozen_reference, reference_logprobs
+from ..runs import load_policy_state, load_trainable_policy, run_config, save_policy
 
 
 def pair_logps(model, batch: dict, ref, policy, mean: bool, with_ref: bool = True):
@@ -71,7 +71,7 @@ def prepare_dpo(run, cfg: DPOConfig):
     cfg.validate()
     pairs = load_preferences(cfg.prefs)
     device = resolve_device(cfg.device)
-    policy, tok, _ = load_trainable_policy(run, cfg.lora_rank, cfg.lora_alpha, device)
+    policy, tok, _ = load_trainable_policy(run, device, lora=cfg)
     ref = frozen_reference(policy)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st = encode_pairs(tok, train_pairs, cfg.max_len)
@@ -80,7 +80,7 @@ def prepare_dpo(run, cfg: DPOConfig):
           f"({st['truncated'] + st_val['truncated']} truncated, {st['skipped'] + st_val['skipped']} skipped)")
     batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
     cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
-    run_config = policy_run_config("dpo", policy, tok, cfg, run,
+    run_config = run_config("dpo", policy, tok, cfg, run,
                                    data={"pairs": len(pairs), "train_pairs": st["kept"], "val_pairs": st_val["kept"]})
     stage = Stage(name=f"dpo-{cfg.loss}", model=policy, batches=batches,
                   loss_fn=lambda m, b: dpo_step_loss(m, b, cfg, ref, policy), run_config=run_config, tokenizer=tok,

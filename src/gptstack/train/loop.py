@@ -28,31 +28,15 @@ import torch
 from ..config import TrainConfig, config_to_dict
 from ..devices import autocast, busy_cores, fit_threads_to_free_cores, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from .checkpoint import (atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, load_weights,
-                         new_checkpoint_id, recover_run, save_weights, unwrap)
+from ..io import atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, load_weights, new_checkpoint_id, recover_run, save_weights
+from ..model.gpt import unwrap
+from ..runs import load_policy_state, save_policy
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
 
 # Peak dense bf16 FLOP/s, for MFU on GPUs we recognise.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
-
-
-def default_save(model: torch.nn.Module, run_dir: Path, checkpoint_id: str) -> None:
-    """A stage's save callback writes its files under `run_dir`: the staging directory of the checkpoint
-    commit (save_checkpoint), whose contents are swapped into the run directory together."""
-    save_weights(run_dir / "model.safetensors", unwrap(model).state_dict(), {"checkpoint_id": checkpoint_id})
-
-
-def default_load(model: torch.nn.Module, run_dir: Path) -> None:
-    state, meta = load_weights(run_dir / "model.safetensors")
-    target = unwrap(model)
-    if "lm_head.weight" not in state and "embed_tokens.weight" in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:
-        target.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint in '{run_dir}' does not fit this model ({str(e).splitlines()[0]})") from None
 
 
 @dataclass
@@ -63,8 +47,8 @@ class Stage:
     loss_fn: LossFn                            # (model, batch) -> (loss, metrics)
     run_config: dict                           # written to config.json (model + stage config + parent run)
     tokenizer: Any
-    save: Callable[[torch.nn.Module, Path, str], None] = default_save
-    load: Callable[[torch.nn.Module, Path], None] = default_load
+    save: Callable[[torch.nn.Module, Path, str], None] = save_policy    # writes under the staging dir
+    load: Callable[[torch.nn.Module, Path], None] = load_policy_state
     evaluate: Callable[[torch.nn.Module], dict] | None = None     # -> {"val_loss": ..., "val_bpb": ...}
     evaluate_at_start: bool = False            # also evaluate before step 1 (a fresh run): the baseline in the log
     sample: Callable[[torch.nn.Module], str] | None = None        # -> text shown in the log

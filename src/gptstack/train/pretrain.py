@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from ..config import PretrainConfig, config_to_dict, model_config_from_depth
+from ..config import PretrainConfig, config_to_dict
+from ..model.gpt import model_config_from_depth
 from ..data.corpus import corpus_fingerprint, gptstack_home, load_corpus, split_documents
 from ..data.loader import TokenBatches, sequential_batches
 from ..data.shards import build_shards
@@ -16,7 +17,7 @@ from ..errors import ConfigError
 from ..eval.bpb import evaluate_bpb, token_bytes_tensor
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
-from .checkpoint import load_tokenizer
+from ..runs import load_tokenizer
 from .loop import Stage, TrainResult, distributed_context, train
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords,"]
@@ -81,10 +82,9 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
     def sample(m):
         return "\n---\n".join(sample_texts(m, tokenizer))
 
-    run_config = {"kind": "lm", "stage": "pretrain", "model": mcfg.to_dict(), "train": config_to_dict(cfg),
-                  "parent_run": None, "tokenizer_fingerprint": tokenizer.fingerprint(),
-                  "data": {k: shards.meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes",
-                                                       "train_docs", "val_docs", "val_names", "unique_token_types")}}
+    config = run_config("pretrain", model, tokenizer, cfg, None,
+                        data={k: shards.meta[k] for k in ("train_tokens", "val_tokens", "train_bytes", "val_bytes",
+                                                          "train_docs", "val_docs", "val_names", "unique_token_types")})
     if rank == 0:
         m = shards.meta
         print(f"corpus: {m['train_docs']} training documents ({m['train_tokens']:,} tokens, "
@@ -94,7 +94,7 @@ def pretrain(cfg: PretrainConfig) -> TrainResult:
         dev = next(m.parameters()).device
         return lm_loss(m, {k: v.to(dev, non_blocking=True) for k, v in batch.items()})
 
-    stage = Stage(name="pretrain", model=model, batches=batches, loss_fn=loss_on_model_device, run_config=run_config,
+    stage = Stage(name="pretrain", model=model, batches=batches, loss_fn=loss_on_model_device, run_config=config,
                   tokenizer=tokenizer, evaluate=evaluate, sample=sample,
                   flops_per_token=model.flops_per_token(cfg.seq_len), corpus_tokens=shards.train_tokens,
                   n_params=model.num_params())

@@ -19,11 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RewardConfig, config_to_dict
+from ..config import PreferencesConfig, RewardConfig
 from ..devices import resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
-from ..model.heads import RewardModel, ScalarHead, core_gpt, load_head, right_pad, save_head
-from .checkpoint import read_config
+from ..model.heads import RewardModel, ScalarHead, load_head, right_pad, save_head
+from ..model.gpt import core_gpt
+from ..runs import load_reward_state, read_config, run_config, save_reward
 from .losses import bradley_terry_loss
 from .loop import Stage, TrainResult, train
 
@@ -111,51 +112,17 @@ def evaluate_pairs(model: RewardModel, encoded, batch_size: int = 16) -> dict:
 
 # ---- persistence -------------------------------------------------------------------------------------------
 
-def save_reward(model: RewardModel, run_dir: Path, cid: str) -> None:
-    from .rl import save_policy
-
-    save_policy(model.body, run_dir, cid)
-    save_head(model.head, run_dir / "head.safetensors", cid)
-
-
-def load_reward_state(model: RewardModel, run_dir: Path) -> None:
-    from .rl import load_policy_state
-
-    load_policy_state(model.body, run_dir)
-    load_head(model.head, run_dir / "head.safetensors")
-
-
-def load_reward_model(run_dir, device="cpu") -> tuple[RewardModel, object, dict]:
-    """(reward model, tokenizer, config) from a `gptstack reward` run directory."""
-    from .checkpoint import load_model
-
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"reward model run '{run}' does not exist: train one with `gptstack reward`")
-    config = read_config(run)
-    if config.get("kind") != "reward" or not (run / "head.safetensors").exists():
-        raise CheckpointError(f"'{run}' is not a reward-model run (config.json kind is {config.get('kind')!r}, "
-                              "and a head.safetensors is needed): train one with `gptstack reward`")
-    body, tok, config = load_model(run, device)
-    rm = RewardModel(body, ScalarHead(core_gpt(body).config.n_embd)).to(device)
-    load_head(rm.head, run / "head.safetensors")
-    rm.eval()
-    for p in rm.parameters():
-        p.requires_grad_(False)
-    return rm, tok, config
-
-
 # ---- the stage ---------------------------------------------------------------------------------------------
 
 def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     """Train a reward model on `cfg.prefs`, starting from the LM in `sft_run`."""
     from ..data.preference import encode_pairs, load_preferences
-    from .rl import load_trainable_policy
+    from ..runs import load_trainable_policy
 
     cfg.validate()
     pairs = load_preferences(cfg.prefs)
     device = resolve_device(cfg.device)
-    body, tok, parent_cfg = load_trainable_policy(sft_run, cfg.lora_rank, cfg.lora_alpha, device)
+    body, tok, parent_cfg = load_trainable_policy(sft_run, device, lora=cfg)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st_train = encode_pairs(tok, train_pairs, cfg.max_len)
     enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
@@ -166,11 +133,9 @@ def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     rm = RewardModel(body, ScalarHead(core_gpt(body).config.n_embd, seed=cfg.seed)).to(device)
     batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
     cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
-    run_config = {"kind": "reward", "stage": "reward", "model": core_gpt(body).config.to_dict(),
-                  "train": config_to_dict(cfg), "parent_run": _base_weights_run(sft_run, cfg.lora_rank),
-                  "source_run": str(sft_run), "tokenizer_fingerprint": tok.fingerprint(),
-                  "data": {"pairs": len(pairs), "train_pairs": st_train["kept"], "val_pairs": st_val["kept"]}}
-    stage = Stage(name="reward", model=rm, batches=batches, loss_fn=bt_loss, run_config=run_config, tokenizer=tok,
+    config = run_config("reward", body, tok, cfg, sft_run, kind="reward",
+                        data={"pairs": len(pairs), "train_pairs": st_train["kept"], "val_pairs": st_val["kept"]})
+    stage = Stage(name="reward", model=rm, batches=batches, loss_fn=bt_loss, run_config=config, tokenizer=tok,
                   save=save_reward, load=load_reward_state,
                   evaluate=(lambda m: evaluate_pairs(m, enc_val)) if enc_val else None,
                   tokens_in=lambda b: int(b["lengths"].sum()),
@@ -178,38 +143,26 @@ def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     return train(stage, cfg)
 
 
-def _base_weights_run(run, lora_rank: int):
-    """The run whose model.safetensors a LoRA-only run is applied to (recorded as parent_run)."""
-    from .rl import base_weights_run
-
-    return base_weights_run(run) if lora_rank else str(run)
-
-
 # ---- preference data from the SFT model's own samples --------------------------------------------------------
 
-def build_preferences(run, tasks: str, samples_per_prompt: int = 4, n_prompts: int = 256, out: str | None = None,
-                      temperature: float = 1.0, max_new_tokens: int = 64, seed: int = 0, batch_prompts: int = 32,
-                      device: str = "auto"):
-    """Sample K replies per task prompt from `run` (one batched engine call per `batch_prompts` prompts), rank
+def build_preferences(run, cfg: PreferencesConfig, batch_prompts: int = 32):
+    """Sample `cfg.samples` replies per task prompt from `run` (one batched engine call per `batch_prompts` prompts), rank
     them by the task checker, and pair the best with the worst. Prompts whose K replies all score the same
-    carry no preference and are skipped (counted). Returns (pairs, stats); writes JSONL to `out` if given."""
+    carry no preference and are skipped (counted). Returns (pairs, stats); writes JSONL to `cfg.out` if set."""
     from ..data.preference import PreferencePair, save_preferences
     from ..data.tasks import check_example
-    from .checkpoint import load_model
+    from ..runs import load_model
     from .rl import sample_rollout, task_examples
 
-    if samples_per_prompt < 2:
-        raise ConfigError(f"--samples-per-prompt must be at least 2 to rank replies, got {samples_per_prompt}")
-    if n_prompts < 1:
-        raise ConfigError("--n-prompts must be at least 1")
-    model, tok, _ = load_model(run, resolve_device(device))
-    examples = task_examples(tasks, "train", n_prompts, seed)[:n_prompts]
+    cfg.validate()
+    model, tok, _ = load_model(run, resolve_device(cfg.device))
+    examples = task_examples(cfg.tasks, "train", cfg.n_prompts, cfg.seed)[:cfg.n_prompts]
     pairs, stats = [], {"prompts": 0, "pairs": 0, "ties": 0, "mean_score": 0.0}
     total = 0.0
     from tqdm import tqdm
     for i in tqdm(range(0, len(examples), batch_prompts), desc="preferences", unit="batch", leave=False):
         chunk = examples[i:i + batch_prompts]
-        _, results = sample_rollout(model, tok, chunk, samples_per_prompt, max_new_tokens, temperature, 0, seed + i)
+        _, results = sample_rollout(model, tok, chunk, cfg.samples, cfg.max_new_tokens, cfg.temperature, 0, cfg.seed + i)
         for ex, group in zip(chunk, results):
             stats["prompts"] += 1
             scored = [(check_example(ex, c.text), j, c.text.strip()) for j, c in enumerate(group)]
@@ -221,7 +174,7 @@ def build_preferences(run, tasks: str, samples_per_prompt: int = 4, n_prompts: i
                 continue
             pairs.append(PreferencePair(ex.prompt_messages(), best[2], worst[2]))
     stats["pairs"] = len(pairs)
-    stats["mean_score"] = total / max(1, stats["prompts"] * samples_per_prompt)
-    if out:
-        save_preferences(pairs, out)
+    stats["mean_score"] = total / max(1, stats["prompts"] * cfg.samples)
+    if cfg.out:
+        save_preferences(pairs, cfg.out)
     return pairs, stats

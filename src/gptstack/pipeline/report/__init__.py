@@ -30,7 +30,8 @@ import re
 import time
 from pathlib import Path
 
-from ..errors import DataError
+from ...errors import DataError
+from ...io import atomic_write_bytes
 
 RUN_DIRS = ("base", "sft", "sft_lora", "rm", "grpo", "ppo", "ppo_task", "dpo", "distill")
 POLICY_STAGES = ("base", "sft", "sft_lora", "grpo", "ppo", "ppo_task", "dpo", "distill")  # evaluated on tasks
@@ -1060,16 +1061,6 @@ def render_markdown(data: dict, plot_files: dict[str, str], samples_per_stage: i
 
 
 # ---- entry point ------------------------------------------------------------------------------------------
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp name, fsync, rename: a report is never half written (and no torch import just for this)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def build_plots(data: dict) -> dict[str, bytes]:
     plots = {"time": plot_time(data), "pretraining": plot_pretraining(data), "sft": plot_sft(data),

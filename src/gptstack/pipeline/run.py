@@ -1,0 +1,208 @@
+"""The main job: one command runs every stage and writes a report that measures the field's claims.
+
+    tokenizer -> pretrain -> SFT (full) -> SFT (LoRA) -> preference sampling -> reward model
+              -> RL (GRPO, task reward) -> RL (PPO, reward model) -> RL (PPO, task reward) -> DPO
+              -> on-policy distillation (the LoRA model as student, the full SFT model as teacher)
+              -> evaluation -> report
+
+Each stage is the library call a user makes through the CLI, with the stage's config built from the preset
+(presets.py; the stage table in stages.py names the stages). Each writes under RUN_ROOT and is skipped when
+its finished output exists, so an interrupted pipeline resumes where it stopped (a half-finished training
+stage continues from its last checkpoint). Budgets: `--budget minutes` (the default) gives each tiny stage
+wall-clock minutes, so the pipeline takes about the same time on any 2-core CPU and a faster machine trains
+more; `--budget steps` gives each training stage the preset's fixed step count, so any machine trains the
+same assistant in whatever time it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..config import PipelineConfig
+from ..errors import ConfigError, GptstackError, Interrupted
+from ..runs import is_finished
+from .presets import Preset, load_preset
+from .stages import NAMES, STAGES
+
+__all__ = ["PipelineConfig", "run_pipeline", "selected_stages"]
+
+
+def selected_stages(cfg: PipelineConfig) -> list[str]:
+    only = [s for s in cfg.only.split(",") if s]
+    skip = [s for s in cfg.skip.split(",") if s]
+    for s in only + skip:
+        if s not in NAMES:
+            raise ConfigError(f"unknown stage {s!r}; stages are {', '.join(NAMES)}")
+    return [s for s in NAMES if (not only or s in only) and s not in skip]
+
+
+class _Record:
+    """RUN_ROOT/pipeline.json: what ran, with which preset and budget, how long each stage took. Rewritten
+    atomically after every stage, so a kill never leaves half a record that the rerun could not read."""
+
+    def __init__(self, root: Path, cfg: PipelineConfig, preset: Preset):
+        from ..io import read_json
+
+        self.path = root / "pipeline.json"
+        try:
+            self.data = read_json(self.path) if self.path.exists() else {}
+        except GptstackError:
+            raise ConfigError(f"'{self.path}' is corrupt: remove it (the stages' own directories are kept and "
+                              "reused) and rerun") from None
+        made_with = self.data.get("budget", "minutes")
+        if made_with != cfg.budget and self.data.get("stages"):
+            raise ConfigError(f"'{root}' was made with --budget {made_with}; its stages would be reused under "
+                              f"--budget {cfg.budget}: choose another --out")
+        self.data.update({"preset": preset.name, "corpus": cfg.corpus, "budget": cfg.budget,
+                          "rl_task": preset.rl_task})
+        self.data.setdefault("stages", {})
+
+    def mark(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
+        entry = self.data["stages"].setdefault(name, {})
+        entry["status"] = status
+        if seconds is not None:
+            entry["seconds"] = round(seconds, 1)
+        entry.update(extra)
+        self.save()
+
+    def save(self) -> None:
+        from ..io import atomic_write_json
+
+        atomic_write_json(self.path, self.data)
+
+
+def run_pipeline(cfg: PipelineConfig) -> Path:
+    cfg.validate()
+    preset = load_preset(cfg.preset).with_budget(cfg.budget)   # every section checked before any stage runs
+    stages = selected_stages(cfg)
+    root = Path(cfg.out)
+    record = _Record(root, cfg, preset)
+    root.mkdir(parents=True, exist_ok=True)
+    record.save()
+    paths = {s.name: root / s.output for s in STAGES if s.output}
+    configs = _stage_configs(preset, cfg, paths)
+
+    t_start = time.time()
+    for name in stages:
+        if name in preset.budget_steps and cfg.budget == "minutes":   # what the report holds the steps against
+            record.data["stages"].setdefault(name, {})["expected_steps"] = preset.budget_steps[name]
+        spec = next(s for s in STAGES if s.name == name)
+        if spec.needs_prefs and paths["prefs"].exists() and _count_pairs(paths["prefs"]) == 0:
+            # every sampled reply tied under the checkers: there is nothing to learn a preference from
+            print(f"\n=== {name}: skipped, {paths['prefs']} has no preference pairs (all replies tied)", flush=True)
+            record.mark(name, "skipped", error="no preference pairs: every sampled reply tied")
+            continue
+        if spec.trains and is_finished(paths[name]):
+            record.mark(name, "reused")
+            continue
+        if name == "prefs" and paths["prefs"].exists():
+            # prefs.jsonl only ever appears complete (written to a temp file, fsynced, renamed)
+            record.mark(name, "reused")
+            continue
+        print(f"\n=== {name}: {_describe(name, configs.get(name))}", flush=True)
+        t0 = time.time()
+        try:
+            fresh = _run_stage(name, configs.get(name), paths, root, preset, cfg)
+        except KeyboardInterrupt:
+            record.mark(name, "interrupted", time.time() - t0)
+            raise Interrupted(f"interrupted in stage {name}; rerun the same command to continue") from None
+        except GptstackError as e:
+            record.mark(name, "failed", time.time() - t0, error=str(e))
+            raise GptstackError(f"stage {name} failed: {e} (fix it and rerun the same command to continue from "
+                                "this stage)") from None
+        record.mark(name, "done" if fresh else "reused", time.time() - t0 if fresh else None)
+    record.data["total_seconds_this_run"] = round(time.time() - t_start, 1)
+    record.save()
+    return root / "report.html"
+
+
+def _count_pairs(path: Path) -> int:
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) -> dict:
+    """Every stage's config, from the preset plus what the pipeline decides: outputs, seed, resume, and the
+    wiring between stages (the RL task, the reward model's path)."""
+    common = dict(seed=cfg.seed, progress=False)
+    out = {}
+    for s in STAGES:
+        if s.config is None or s.name == "eval":
+            continue
+        fixed = dict(common) if s.trains else {"seed": cfg.seed}
+        if s.output:
+            fixed["out"] = str(paths[s.name])
+        if s.trains:
+            fixed["resume"] = paths[s.name].is_dir()   # continue from its last commit; none: start fresh
+        if s.name == "base":
+            fixed["corpus"] = cfg.corpus
+        if s.name in ("grpo", "ppo_task"):
+            fixed["tasks"] = preset.rl_task
+        if s.name == "ppo":
+            fixed["reward"] = f"rm:{paths['rm']}"
+        if s.name == "distill":
+            fixed["teacher"] = str(paths["sft"])
+        if s.name in ("rm", "dpo"):
+            fixed["prefs"] = str(paths["prefs"])
+        out[s.name] = preset.config(s.name, **fixed)
+    out["eval"] = preset.config("eval")
+    return out
+
+
+def _describe(name: str, cfg) -> str:
+    if cfg is None:
+        return name
+    budget = [f"{cfg.minutes:g} min" if getattr(cfg, "minutes", 0) else "", f"{cfg.steps} steps" if getattr(cfg, "steps", 0) else ""]
+    return ", ".join(b for b in budget if b) or type(cfg).__name__
+
+
+def _run_stage(name: str, cfg, paths: dict[str, Path], root: Path, preset: Preset, pcfg: PipelineConfig) -> bool:
+    """One stage through the library; True if it did work (False: its output was already there)."""
+    if name == "base":
+        from ..train.pretrain import pretrain
+
+        pretrain(cfg)
+    elif name in ("sft", "sft_lora"):
+        from ..train.sft import sft
+
+        sft(str(paths["base"]), cfg)
+    elif name == "prefs":
+        from ..train.reward import build_preferences
+
+        _, stats = build_preferences(str(paths["sft"]), cfg)
+        print(f"{stats['prompts']} prompts x {cfg.samples} samples: {stats['pairs']} pairs, {stats['ties']} tied")
+    elif name == "rm":
+        from ..train.reward import train_reward
+
+        train_reward(str(paths["sft"]), cfg)
+    elif name in ("grpo", "ppo", "ppo_task"):
+        from ..train.rl import train_rl
+
+        train_rl(str(paths["sft"]), cfg)
+    elif name == "dpo":
+        from ..train.dpo import train_dpo
+
+        train_dpo(str(paths["sft"]), cfg)
+    elif name == "distill":
+        from ..train.distill import distill
+
+        distill(str(paths["sft_lora"]), cfg)
+    elif name == "eval":
+        from .evaluate import evaluate_pipeline
+
+        return evaluate_pipeline(root, n_examples=cfg.n_examples, seed=pcfg.seed, rl_task=preset.rl_task)
+    elif name == "report":
+        from .report import build_report
+
+        path = build_report(root)
+        print(f"\nreport: {path.resolve()}")
+    return True
+
+
+def load_record(root: Path) -> dict:
+    """pipeline.json of a run root ({} when there is none)."""
+    from ..io import read_json
+
+    path = Path(root) / "pipeline.json"
+    return read_json(path) if path.exists() else {}
