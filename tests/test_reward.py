@@ -23,7 +23,7 @@ def separable_pairs(n):
 def test_reward_model_learns_separable_preferences(run, tmp_path):
     from gptstack.data.preference import save_preferences
     from gptstack.model.heads import reward_scorer
-    from gptstack.train.reward import RewardConfig, train_reward
+    from gptstack.train.reward_model import RewardConfig, train_reward
     from gptstack.runs import load_reward_model
 
     save_preferences(separable_pairs(48), tmp_path / "prefs.jsonl")
@@ -46,7 +46,7 @@ def test_reward_model_learns_separable_preferences(run, tmp_path):
 def test_reward_lora_head_trained_in_full(run, tmp_path):
     pytest.importorskip("peft")
     from gptstack.data.preference import save_preferences
-    from gptstack.train.reward import RewardConfig, train_reward
+    from gptstack.train.reward_model import RewardConfig, train_reward
     from gptstack.runs import load_reward_model
 
     save_preferences(separable_pairs(16), tmp_path / "prefs.jsonl")
@@ -70,7 +70,7 @@ def test_missing_or_wrong_reward_run(run, tmp_path):
 
 def test_preferences_from_ranked_samples(run, tmp_path):
     from gptstack.data.preference import load_preferences
-    from gptstack.train.reward import build_preferences
+    from gptstack.train.reward_model import build_preferences
 
     from gptstack.config import PreferencesConfig
 

@@ -30,6 +30,12 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+def again(cls, name: str, default: Any):
+    """The field `name` of `cls` with another default: a subclass changes a default, not the documentation."""
+    f = cls.__dataclass_fields__[name]
+    return field(default=default, metadata=f.metadata)
+
+
 def field_help(f) -> str:
     return f.metadata.get("help", "")
 
@@ -179,7 +185,6 @@ class PretrainConfig(TrainConfig):
 
 @dataclass
 class SFTConfig(LoraOptions, TrainConfig):
-    out: str = opt("runs/sft", "the run directory to write (and resume)")
     data: str = opt("tasks", "tasks (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]")
     tasks: str = opt("all", "with --data tasks: 'all' or task names, each optionally NAME:WEIGHT")
     examples_per_task: int = opt(3000, "with --data tasks: train-split examples per task (times its weight)")
@@ -191,19 +196,19 @@ class SFTConfig(LoraOptions, TrainConfig):
                                           "tokens (a young base has never seen them)")
     qlora: bool = opt(False, "LoRA on a 4-bit (nf4) base through bitsandbytes; implies --lora")
     # SFT defaults: the formats are new but the model is not, so the steps are smaller than pretraining's
-    steps: int = opt(200, "optimizer steps (with --minutes, whichever ends first)")
-    minutes: float = opt(2.5, "wall-clock budget (0: none)")
-    batch_size: int = opt(8, "rows per micro-batch (per rank)")
+    out: str = again(TrainConfig, "out", "runs/sft")
+    steps: int = again(TrainConfig, "steps", 200)
+    minutes: float = again(TrainConfig, "minutes", 2.5)
+    batch_size: int = again(TrainConfig, "batch_size", 8)
     seq_len: int = opt(0, "tokens per row; 0: the parent model's context")
     lr: float = opt(1e-2, "AdamW learning rate: LoRA factors (with Muon, nothing else); lower it for "
                           "--optimizer adamw")
-    matrix_lr: float = opt(0.01, "Muon learning rate (hidden matrices)")
-    embedding_lr: float = opt(0.1, "AdamW learning rate of the embeddings")
-    unembedding_lr: float = opt(0.004, "AdamW learning rate of lm_head")
-    warmup_frac: float = opt(0.05, "fraction of the budget spent warming up")
-    decay_frac: float = opt(0.5, "wsd: the final fraction of the budget spent decaying")
-    eval_every: int = opt(25, "masked val loss every N steps (0: only at the end)")
-    log_every: int = opt(5, "log every N steps")
+    matrix_lr: float = again(TrainConfig, "matrix_lr", 0.01)
+    embedding_lr: float = again(TrainConfig, "embedding_lr", 0.1)
+    warmup_frac: float = again(TrainConfig, "warmup_frac", 0.05)
+    decay_frac: float = again(TrainConfig, "decay_frac", 0.5)
+    eval_every: int = again(TrainConfig, "eval_every", 25)
+    log_every: int = again(TrainConfig, "log_every", 5)
 
     def validate(self) -> None:
         super().validate()
@@ -214,15 +219,31 @@ class SFTConfig(LoraOptions, TrainConfig):
             raise ConfigError("--max-examples and --val-conversations cannot be negative")
 
 
+@dataclass
+class PolicyConfig(LoraOptions, TrainConfig):
+    """What the stages that start from a trained model share (reward model, RL, DPO, distillation): AdamW at a
+    small LR on a model that already works, and the LoRA options."""
+    optimizer: str = again(TrainConfig, "optimizer", "adamw")
+    lr: float = opt(1e-4, "learning rate")
+    schedule: str = again(TrainConfig, "schedule", "cosine")
+    warmup_frac: float = again(TrainConfig, "warmup_frac", 0.05)
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_lora()
+
+
 _ROLLOUT_BATCH = "the RL step's batch is its rollout: --n-prompts x --samples rows, split into --minibatches"
+_PAIR_ROWS = "pair rows are prompt + reply, cut at --max-len"
+_ONE_BATCH = "one batch of --batch-size rows per step"
 
 
 @dataclass
-class RLConfig(LoraOptions, TrainConfig):
+class RLConfig(PolicyConfig):
     DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "batch_size": _ROLLOUT_BATCH,
                                          "total_batch_tokens": _ROLLOUT_BATCH,
                                          "seq_len": "rows are prompt + up to --max-new-tokens reply tokens"}
-    out: str = opt("runs/rl", "the run directory to write (and resume)")
+    out: str = again(TrainConfig, "out", "runs/rl")
     algo: str = opt("grpo", "grpo: group-relative advantages, no value model; ppo: a value head and GAE",
                     ("grpo", "ppo"))
     reward: str = opt("task", "reward terms, comma-separated, each optionally TERM=WEIGHT: task (the task's "
@@ -247,17 +268,14 @@ class RLConfig(LoraOptions, TrainConfig):
     vf_coef: float = opt(0.5, "PPO value-loss weight")
     value_clip: float = opt(0.2, "PPO value clip")
     scale_rewards: bool = opt(True, "GRPO: divide advantages by the group's std (off: Dr. GRPO centring only)")
-    steps: int = opt(40, "optimizer steps (with --minutes, whichever ends first)")
-    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
-    lr: float = opt(1e-4, "learning rate")
-    schedule: str = opt("constant", "LR schedule", ("wsd", "cosine", "constant"))
-    warmup_frac: float = opt(0.0, "fraction of the budget spent warming up")
-    eval_every: int = opt(20, "held-out greedy accuracy every N steps (0: only at the end)")
-    log_every: int = opt(1, "log every N steps")
+    steps: int = again(TrainConfig, "steps", 40)
+    schedule: str = again(TrainConfig, "schedule", "constant")
+    warmup_frac: float = again(TrainConfig, "warmup_frac", 0.0)
+    eval_every: int = again(TrainConfig, "eval_every", 20)
+    log_every: int = again(TrainConfig, "log_every", 1)
 
     def validate(self) -> None:
         super().validate()
-        self.validate_lora()
         if self.algo == "grpo" and self.samples < 2:
             raise ConfigError(f"GRPO compares samples within a group: --samples must be at least 2, got {self.samples}")
         if self.samples < 1 or self.n_prompts < 1 or self.max_new_tokens < 1:
@@ -268,57 +286,17 @@ class RLConfig(LoraOptions, TrainConfig):
             raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
 
 
-_PAIR_ROWS = "pair rows are prompt + reply, cut at --max-len"
-
-
 @dataclass
-class DPOConfig(LoraOptions, TrainConfig):
-    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "seq_len": _PAIR_ROWS,
-                                         "total_batch_tokens": "one batch of --batch-size pairs per step"}
-    out: str = opt("runs/dpo", "the run directory to write (and resume)")
+class PairConfig(PolicyConfig):
+    """Stages that learn from preference pairs (reward model, DPO)."""
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "seq_len": _PAIR_ROWS, "total_batch_tokens": _ONE_BATCH}
     prefs: str = opt("", "preference pairs (JSONL: prompt, chosen, rejected)")
-    loss: str = opt("sigmoid", "sigmoid (DPO) or ipo", ("sigmoid", "ipo"))
-    beta: float = opt(0.1, "strength of the implicit KL to the reference")
     max_len: int = opt(192, "tokens per prompt + reply; longer replies are cut")
-    val_frac: float = opt(0.1, "held-out pairs for preference accuracy and margins")
-    steps: int = opt(60, "optimizer steps (with --minutes, whichever ends first)")
-    batch_size: int = opt(8, "pairs per step")
-    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
-    lr: float = opt(1e-5, "learning rate")
-    schedule: str = opt("cosine", "LR schedule", ("wsd", "cosine", "constant"))
-    warmup_frac: float = opt(0.1, "fraction of the budget spent warming up")
-    eval_every: int = opt(30, "held-out evaluation every N steps (0: only at the end)")
-    log_every: int = opt(5, "log every N steps")
+    val_frac: float = opt(0.15, "held-out pairs for accuracy and margins")
+    batch_size: int = opt(16, "pairs per step")
 
     def validate(self) -> None:
         super().validate()
-        self.validate_lora()
-        if not self.prefs:
-            raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
-        if self.beta <= 0:
-            raise ConfigError(f"--beta must be positive, got {self.beta}")
-
-
-@dataclass
-class RewardConfig(LoraOptions, TrainConfig):
-    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "seq_len": _PAIR_ROWS,
-                                         "total_batch_tokens": "one batch of --batch-size pairs per step"}
-    out: str = opt("runs/reward", "the run directory to write (and resume)")
-    prefs: str = opt("", "preference pairs (JSONL: prompt, chosen, rejected)")
-    max_len: int = opt(192, "tokens per prompt + reply; longer replies are cut")
-    val_frac: float = opt(0.15, "held-out pairs for accuracy and margin")
-    steps: int = opt(120, "optimizer steps (with --minutes, whichever ends first)")
-    batch_size: int = opt(16, "pairs per step (2x rows)")
-    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
-    lr: float = opt(1e-4, "learning rate")
-    schedule: str = opt("cosine", "LR schedule", ("wsd", "cosine", "constant"))
-    warmup_frac: float = opt(0.05, "fraction of the budget spent warming up")
-    eval_every: int = opt(40, "held-out accuracy every N steps (0: only at the end)")
-    log_every: int = opt(10, "log every N steps")
-
-    def validate(self) -> None:
-        super().validate()
-        self.validate_lora()
         if not self.prefs:
             raise ConfigError("give the preference pairs: --prefs FILE.jsonl")
         if not 0 <= self.val_frac < 1:
@@ -328,36 +306,58 @@ class RewardConfig(LoraOptions, TrainConfig):
 
 
 @dataclass
-class DistillConfig(LoraOptions, TrainConfig):
-    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED,
-                                         "total_batch_tokens": "one batch of --batch-size rows per step"}
-    out: str = opt("runs/distill", "the run directory to write (and resume)")
+class DPOConfig(PairConfig):
+    out: str = again(TrainConfig, "out", "runs/dpo")
+    loss: str = opt("sigmoid", "sigmoid (DPO) or ipo", ("sigmoid", "ipo"))
+    beta: float = opt(0.1, "strength of the implicit KL to the reference")
+    val_frac: float = again(PairConfig, "val_frac", 0.1)
+    steps: int = again(TrainConfig, "steps", 60)
+    batch_size: int = again(PairConfig, "batch_size", 8)
+    lr: float = again(PolicyConfig, "lr", 1e-5)
+    warmup_frac: float = again(TrainConfig, "warmup_frac", 0.1)
+    eval_every: int = again(TrainConfig, "eval_every", 30)
+    log_every: int = again(TrainConfig, "log_every", 5)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.beta <= 0:
+            raise ConfigError(f"--beta must be positive, got {self.beta}")
+
+
+@dataclass
+class RewardConfig(PairConfig):
+    out: str = again(TrainConfig, "out", "runs/reward")
+    steps: int = again(TrainConfig, "steps", 120)
+    eval_every: int = again(TrainConfig, "eval_every", 40)
+
+
+@dataclass
+class DistillConfig(PolicyConfig):
+    DERIVED: ClassVar[dict[str, str]] = {**TrainConfig.DERIVED, "total_batch_tokens": _ONE_BATCH}
+    out: str = again(TrainConfig, "out", "runs/distill")
     teacher: str = opt("", "the teacher run")
     mode: str = opt("onpolicy", "offline: SFT on the teacher's replies; onpolicy: reverse KL to the teacher on the "
                                 "student's own samples; compare: both from the same student, side by side",
                     ("offline", "onpolicy", "compare"))
-    tasks: str = opt("extraction,spelling", "tasks whose prompts are used")
+    tasks: str = again(RLConfig, "tasks", "extraction,spelling")
     train_examples: int = opt(512, "prompts the teacher answers (offline) / the student samples on (onpolicy)")
-    eval_examples: int = opt(64, "held-out prompts per task for the greedy accuracy")
-    max_new_tokens: int = opt(40, "the longest reply, in new tokens")
+    eval_examples: int = again(RLConfig, "eval_examples", 64)
+    max_new_tokens: int = again(RLConfig, "max_new_tokens", 40)
     temperature: float = opt(1.0, "sampling temperature")
     teacher_samples: int = opt(1, "offline: teacher replies per prompt")
     filter_correct: bool = opt(False, "offline: keep only teacher replies the task's checker accepts")
     n_prompts: int = opt(8, "onpolicy: prompts per rollout")
     samples: int = opt(4, "onpolicy: student replies sampled per prompt")
-    steps: int = opt(40, "optimizer steps (with --minutes, whichever ends first)")
+    steps: int = again(TrainConfig, "steps", 40)
     batch_size: int = opt(16, "offline: rows per step")
     seq_len: int = opt(256, "offline: tokens per row")
-    optimizer: str = opt("adamw", "muon or adamw", ("muon", "adamw"))
-    lr: float = opt(1e-4, "learning rate")
-    schedule: str = opt("constant", "LR schedule", ("wsd", "cosine", "constant"))
-    warmup_frac: float = opt(0.0, "fraction of the budget spent warming up")
-    eval_every: int = opt(0, "held-out evaluation every N steps (0: only at the end)")
-    log_every: int = opt(5, "log every N steps")
+    schedule: str = again(TrainConfig, "schedule", "constant")
+    warmup_frac: float = again(TrainConfig, "warmup_frac", 0.0)
+    eval_every: int = again(TrainConfig, "eval_every", 0)
+    log_every: int = again(TrainConfig, "log_every", 5)
 
     def validate(self) -> None:
         super().validate()
-        self.validate_lora()
         if not self.teacher:
             raise ConfigError("give the teacher run: --teacher RUN_DIR")
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 
 from .config import LoraOptions, config_to_dict
 from .errors import CheckpointError, ConfigError

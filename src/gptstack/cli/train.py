@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from ..errors import ConfigError, GptstackError
+from ..errors import GptstackError
 from .flags import add_config_flags, config_from_args
 
 
@@ -204,7 +203,7 @@ def register_train_commands(sub) -> None:
     p.set_defaults(func=cmd_tasks)
 
 
-# ---- alignment commands: preferences, reward, rl, dpo, distill (train/reward.py, rl.py, dpo.py, distill.py)
+# ---- alignment commands: preferences, reward, rl, dpo, distill (train/reward_model.py, rl.py, dpo.py, distill.py)
 
 
 def _print_last(result, keys) -> None:
@@ -215,7 +214,7 @@ def _print_last(result, keys) -> None:
 
 def cmd_preferences(args) -> None:
     from ..config import PreferencesConfig
-    from ..train.reward import build_preferences
+    from ..train.reward_model import build_preferences
 
     cfg = config_from_args(PreferencesConfig, args)
     _, stats = build_preferences(args.run, cfg)
@@ -226,7 +225,7 @@ def cmd_preferences(args) -> None:
 
 def cmd_reward(args) -> None:
     from ..config import RewardConfig
-    from ..train.reward import train_reward
+    from ..train.reward_model import train_reward
 
     result = train_reward(args.run, config_from_args(RewardConfig, args))
     _print_last(result, ("val_accuracy", "val_margin", "val_loss", "accuracy"))

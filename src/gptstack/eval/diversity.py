@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from functools import lru_cache
 from typing import Sequence
 
 _WORD = re.compile(r"\w+|[^\w\s]")

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import ConfigError, DataError, DependencyError
+from ..errors import ConfigError, DataError
 
 EMBEDDERS = ("minilm", "bm25")
 INDEX_VERSION = 1

@@ -28,9 +28,10 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn as nn
 
+from ..config import DEFAULT_LORA_TARGETS
 from ..errors import CheckpointError, ConfigError, DependencyError
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGETS = tuple(DEFAULT_LORA_TARGETS.split(","))   # every projection of every block (config.LoraOptions)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 

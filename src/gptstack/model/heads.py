@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .gpt import GPT, GPTConfig, core_gpt
+from .gpt import GPTConfig, core_gpt
 
 
 class ScalarHead(nn.Module):

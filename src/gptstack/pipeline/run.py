@@ -16,7 +16,6 @@ same assistant in whatever time it needs.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -168,12 +167,12 @@ def _run_stage(name: str, cfg, paths: dict[str, Path], root: Path, preset: Prese
 
         sft(str(paths["base"]), cfg)
     elif name == "prefs":
-        from ..train.reward import build_preferences
+        from ..train.reward_model import build_preferences
 
         _, stats = build_preferences(str(paths["sft"]), cfg)
         print(f"{stats['prompts']} prompts x {cfg.samples} samples: {stats['pairs']} pairs, {stats['ties']} tied")
     elif name == "rm":
-        from ..train.reward import train_reward
+        from ..train.reward_model import train_reward
 
         train_reward(str(paths["sft"]), cfg)
     elif name in ("grpo", "ppo", "ppo_task"):

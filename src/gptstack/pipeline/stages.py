@@ -15,7 +15,7 @@ from ..errors import ConfigError
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
     name: str              # key in presets, pipeline.json, report.json; also its output's name under RUN_ROOT
     label: str             # in the report's tables and plots
     config: type | None    # the config class its preset section fills (None: nothing to set)
@@ -26,19 +26,19 @@ class Stage:
     needs_prefs: bool = False  # learns from the preference pairs (skipped when every reply tied)
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage("base", "Base (pretrain)", PretrainConfig, "base", "#6b7280", evaluated=True, trains=True),
-    Stage("sft", "SFT", SFTConfig, "sft", "#2563eb", evaluated=True, trains=True),
-    Stage("sft_lora", "SFT · LoRA", SFTConfig, "sft_lora", "#0891b2", evaluated=True, trains=True),
-    Stage("prefs", "Preference pairs", PreferencesConfig, "prefs.jsonl"),
-    Stage("rm", "Reward model", RewardConfig, "rm", "#dc2626", trains=True, needs_prefs=True),
-    Stage("grpo", "GRPO (task)", RLConfig, "grpo", "#16a34a", evaluated=True, trains=True),
-    Stage("ppo", "PPO (RM)", RLConfig, "ppo", "#d97706", evaluated=True, trains=True, needs_prefs=True),
-    Stage("ppo_task", "PPO (task)", RLConfig, "ppo_task", "#b45309", evaluated=True, trains=True),
-    Stage("dpo", "DPO", DPOConfig, "dpo", "#9333ea", evaluated=True, trains=True, needs_prefs=True),
-    Stage("distill", "Distilled (LoRA ← SFT)", DistillConfig, "distill", "#db2777", evaluated=True, trains=True),
-    Stage("eval", "Evaluation", EvalConfig),
-    Stage("report", "Report", None),
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("base", "Base (pretrain)", PretrainConfig, "base", "#6b7280", evaluated=True, trains=True),
+    StageSpec("sft", "SFT", SFTConfig, "sft", "#2563eb", evaluated=True, trains=True),
+    StageSpec("sft_lora", "SFT · LoRA", SFTConfig, "sft_lora", "#0891b2", evaluated=True, trains=True),
+    StageSpec("prefs", "Preference pairs", PreferencesConfig, "prefs.jsonl"),
+    StageSpec("rm", "Reward model", RewardConfig, "rm", "#dc2626", trains=True, needs_prefs=True),
+    StageSpec("grpo", "GRPO (task)", RLConfig, "grpo", "#16a34a", evaluated=True, trains=True),
+    StageSpec("ppo", "PPO (RM)", RLConfig, "ppo", "#d97706", evaluated=True, trains=True, needs_prefs=True),
+    StageSpec("ppo_task", "PPO (task)", RLConfig, "ppo_task", "#b45309", evaluated=True, trains=True),
+    StageSpec("dpo", "DPO", DPOConfig, "dpo", "#9333ea", evaluated=True, trains=True, needs_prefs=True),
+    StageSpec("distill", "Distilled (LoRA ← SFT)", DistillConfig, "distill", "#db2777", evaluated=True, trains=True),
+    StageSpec("eval", "Evaluation", EvalConfig),
+    StageSpec("report", "Report", None),
 )
 BY_NAME = {s.name: s for s in STAGES}
 NAMES = tuple(s.name for s in STAGES)
@@ -48,7 +48,7 @@ TRAINED = tuple(s.name for s in STAGES if s.trains)
 EXTRA_COLORS = ("#db2777", "#65a30d", "#0f766e", "#7c3aed", "#b45309")
 
 
-def stage(name: str) -> Stage:
+def stage(name: str) -> StageSpec:
     if name not in BY_NAME:
         raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(NAMES)}")
     return BY_NAME[name]
@@ -59,6 +59,6 @@ def label(name: str) -> str:
 
 
 def color(name: str) -> str:
-    if name in BY_NAME and BY_NAME[name].color != Stage.color:
+    if name in BY_NAME and BY_NAME[name].color != StageSpec.color:
         return BY_NAME[name].color
     return EXTRA_COLORS[sum(map(ord, name)) % len(EXTRA_COLORS)]

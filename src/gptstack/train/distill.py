@@ -22,12 +22,12 @@ import torch
 
 from ..config import DistillConfig
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..model.heads import response_logprobs
 from .losses import masked_mean, reverse_kl_per_token
 from .loop import Stage, TrainResult, train
 from .rl import build_sequences, evaluate_policy, sample_rollout, task_examples
-from ..runs import load_frozen, load_policy_state, load_trainable_policy, run_config, save_policy
+from ..runs import load_frozen, load_model, load_policy_state, load_trainable_policy, run_config, save_policy
 
 
 # ---- offline: teacher samples -> SFT data ------------------------------------------------------------------

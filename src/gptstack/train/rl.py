@@ -25,13 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RLConfig, config_to_dict
+from ..config import RLConfig
 from ..devices import autocast, resolve_device, resolve_dtype
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 from ..model.heads import PolicyWithValue, load_head, response_logprobs, right_pad, save_head
 from ..model.gpt import core_gpt
-from ..runs import load_model, read_config
-from ..io import load_weights, save_weights
+from ..runs import is_peft, load_policy_state, load_trainable_policy, run_config, save_policy
 from .losses import gae, group_advantages, k3_kl, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .loop import Stage, TrainResult, train
 
@@ -371,8 +370,8 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
         return {f"eval_{k}": v for k, v in evaluate_policy(m, tok, eval_ex, None, cfg.max_new_tokens,
                                                            kl_samples=False).items()}
 
-    run_config = run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
-    stage = Stage(name=cfg.algo, model=model, batches=batches, loss_fn=loss, run_config=run_config, tokenizer=tok,
+    config = run_config(f"rl-{cfg.algo}", policy, tok, cfg, run, reward=cfg.reward)
+    stage = Stage(name=cfg.algo, model=model, batches=batches, loss_fn=loss, run_config=config, tokenizer=tok,
                   save=save, load=load, evaluate=evaluate if cfg.eval_every else None, evaluate_at_start=True,
                   tokens_in=lambda b: int(b["resp_mask"].sum()),
                   extra_state=kl.state_dict, load_extra_state=kl.load_state_dict,

@@ -15,7 +15,6 @@ The loop's "tokens" for SFT are trained (assistant) tokens, so tok/s and epochs 
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import replace
@@ -23,7 +22,7 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from ..config import SFTConfig, config_to_dict
+from ..config import SFTConfig
 from ..errors import CheckpointError, ConfigError, DataError
 
 if TYPE_CHECKING:  # torch and the loop are imported when training starts, so `gptstack --help` stays fast

@@ -4,27 +4,26 @@
 
 Chosen and rejected replies run through the trunk as one batch of 2B rows; the reward is read at each row's
 last real token (its <|assistant_end|>). Held-out pairs give the preference accuracy and mean margin.
-With --lora-rank the trunk gets LoRA adapters and the head is trained in full.
+With --lora the trunk gets LoRA adapters and the head is trained in full.
 
 The run directory is an ordinary one plus `head.safetensors` and `kind: "reward"` in config.json;
-`load_reward_model(run)` brings it back, `reward_scorer` (model/heads.py) turns it into a best-of-n scorer.
+`runs.load_reward_model(run)` brings it back, `reward_scorer` (model/heads.py) turns it into a best-of-n scorer.
 """
 
 from __future__ import annotations
 
 import random
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..config import PreferencesConfig, RewardConfig
 from ..devices import resolve_device
-from ..errors import CheckpointError, ConfigError, DataError
-from ..model.heads import RewardModel, ScalarHead, load_head, right_pad, save_head
+from ..errors import ConfigError, DataError
+from ..model.heads import RewardModel, ScalarHead, right_pad
 from ..model.gpt import core_gpt
-from ..runs import load_reward_state, read_config, run_config, save_reward
+from ..runs import load_reward_state, run_config, save_reward
 from .losses import bradley_terry_loss
 from .loop import Stage, TrainResult, train
 
