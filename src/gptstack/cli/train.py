@@ -146,7 +146,7 @@ def register_train_commands(sub) -> None:
     from ..pipeline.presets import preset_names
 
     p = sub.add_parser("tokenizer", help="train a BPE tokenizer, encode text, or report compression")
-    p.add_argument("action", choices=["train", "encode", "info"])
+    p.add_argument("action", choices=["train", "encode", "info"], help="train a tokenizer, encode text, or report its size and compression")
     p.add_argument("tokenizer", nargs="?", default=None, help="tokenizer dir or run dir (encode/info)")
     p.add_argument("--corpus", default="shakespeare", help="train: the text (as for gptstack pretrain)")
     p.add_argument("--vocab-size", type=int, default=8192, help="train: tokens in the vocabulary")
@@ -194,7 +194,7 @@ def register_train_commands(sub) -> None:
     _register_align_commands(sub)
 
     p = sub.add_parser("tasks", help="the synthetic task suite: list, show examples, or write them as JSONL")
-    p.add_argument("action", choices=["list", "show", "generate"])
+    p.add_argument("action", choices=["list", "show", "generate"], help="list the tasks, show a few examples, or write examples as JSONL")
     p.add_argument("name", nargs="?", default=None, help="the task (see 'gptstack tasks list')")
     p.add_argument("--split", choices=["train", "test"], default="train", help="which split's examples")
     p.add_argument("--n", type=int, default=100, help="examples to write (show: at most 3)")
@@ -308,7 +308,7 @@ def _register_align_commands(sub) -> None:
         p.set_defaults(func=func)
 
     p = sub.add_parser("align-eval", help="held-out task accuracy, KL to a reference and entropy of runs")
-    p.add_argument("runs", nargs="+")
+    p.add_argument("runs", nargs="+", help="the runs to compare")
     p.add_argument("--ref", default="", help="reference run for the KL column (usually the SFT run)")
     p.add_argument("--tasks", default="extraction,spelling", help="tasks whose held-out prompts are scored")
     p.add_argument("--n", type=int, default=48, help="held-out prompts per task")
