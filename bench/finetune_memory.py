@@ -27,7 +27,7 @@ from gptstack.errors import DependencyError  # noqa: E402
 from gptstack.model import adapters  # noqa: E402
 from gptstack.model.gpt import GPT  # noqa: E402
 from gptstack.train.optim import build_optimizers  # noqa: E402
-from gptstack.train.sft import SFTConfig  # noqa: E402
+from gptstack.config import SFTConfig  # noqa: E402
 
 
 def one_step(model, cfg, n_embd: int, vocab: int) -> list:

@@ -114,7 +114,8 @@ def median_step(times: list[float]) -> float:
 
 def ours_grpo(run: Path, tmp: Path, steps: int, beta: float, dtype: str) -> tuple[float, dict]:
     from gptstack.train.loop import train
-    from gptstack.train.rl import RLConfig, prepare_rl
+    from gptstack.config import RLConfig
+    from gptstack.train.rl import prepare_rl
 
     draw = random_reward(1)
     cfg = RLConfig(out=str(tmp / "ours_grpo"), algo="grpo", tasks="arithmetic_direct", n_prompts=8, samples=8,
@@ -193,7 +194,8 @@ def dpo_pairs(tok, n: int, seed=0):
 
 
 def ours_dpo(run: Path, prefs: Path, tmp: Path, steps: int, dtype: str) -> float:
-    from gptstack.train.dpo import DPOConfig, prepare_dpo
+    from gptstack.config import DPOConfig
+    from gptstack.train.dpo import prepare_dpo
     from gptstack.train.loop import train
 
     cfg = DPOConfig(out=str(tmp / "ours_dpo"), prefs=str(prefs), batch_size=8, max_len=128, beta=0.1, steps=steps,
