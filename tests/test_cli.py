@@ -33,7 +33,7 @@ def test_pretrain_writes_a_complete_run(tiny_run):
 
 
 def test_sample_streams_and_bpb(tiny_run, tmp_path, capsys):
-    assert main(["sample", str(tiny_run), "--prompt", "The king", "--max-tokens", "8", "--seed", "1"]) == 0
+    assert main(["sample", str(tiny_run), "--prompt", "The king", "--max-new-tokens", "8", "--seed", "1"]) == 0
     assert capsys.readouterr().out.startswith("The king")
     text = tmp_path / "t.txt"
     text.write_text("The queen hath spoken, sweet lord.\n" * 20)

@@ -61,3 +61,73 @@ def test_k_below_one_is_config_error(engine, k):
         best_of_n(engine, [[1, 2]], k, lambda p, c: 0.0)
     with pytest.raises(ConfigError):
         self_consistency(engine, get_task("arithmetic_direct"), [], k)
+
+
+class BanHook:
+    """A logits hook that makes one token impossible and counts the rows it saw."""
+
+    def __init__(self, token):
+        self.token, self.rows = token, 0
+
+    def start(self, n_rows):
+        self.rows = max(self.rows, n_rows)
+
+    def process(self, logits, rows):
+        logits = logits.clone()
+        logits[:, self.token] = float("-inf")
+        return logits
+
+    def accept(self, rows, tokens):
+        pass
+
+    def finished(self, row):
+        return False
+
+
+def _most_common_token(samples):
+    from collections import Counter
+
+    return Counter(t for c in samples for t in c.tokens).most_common(1)[0][0]
+
+
+def test_hooks_reach_best_of_n_generation(engine, tiny_tokenizer):
+    prompts = [tiny_tokenizer.encode("The king", bos=True), tiny_tokenizer.encode("Night", bos=True)]
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=12, stop_token_ids=[])
+    scorer = lambda p, c: float(len(set(c)))  # noqa: E731
+    free = best_of_n(engine, prompts, 4, scorer, params)
+    banned = _most_common_token([c for b in free for c in b.samples])
+    hook = BanHook(banned)
+    out = best_of_n(engine, prompts, 4, scorer, params, hooks=[hook])
+    assert hook.rows == 8                       # 2 prompts x 4 samples, one generation
+    assert all(banned not in c.tokens for b in out for c in b.samples)
+    for b in out:
+        assert b.completion is b.samples[b.index] and b.score == b.scores[b.index] == max(b.scores)
+
+
+def test_hooks_reach_self_consistency_generation(engine):
+    task = get_task("arithmetic_direct")
+    examples = task.generate("test", 2, seed=0)
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=8)
+    free = self_consistency(engine, task, examples, 4, params)
+    banned = _most_common_token([c for v in free for c in v.samples])
+    hook = BanHook(banned)
+    votes = self_consistency(engine, task, examples, 4, params, hooks=[hook])
+    assert hook.rows == 8
+    assert all(banned not in c.tokens for v in votes for c in v.samples)
+
+
+def test_vote_and_pick_best_over_given_samples():
+    from gptstack.infer.engine import Completion
+    from gptstack.infer.ensemble import pick_best, vote
+
+    task = get_task("arithmetic_direct")
+    texts = ["Answer: 4", "no answer", "Answer: 5", "Answer: 5", "Answer: 4"]
+    samples = [Completion(0, j, tokens=[j] * (j + 1), text=t) for j, t in enumerate(texts)]
+    v = vote(task, samples)
+    assert v.answer == "4" and v.completion is samples[0] and v.votes == {"4": 2, "5": 2}
+    assert v.answers == ["4", None, "5", "5", "4"] and v.score is None and v.samples == samples
+    none = vote(task, samples[1:2])
+    assert none.answer is None and none.completion is None and none.votes == {}
+
+    b = pick_best([1, 2], samples, lambda p, c: float(len(c) % 3))   # scores 1 2 0 1 2: first 2 wins
+    assert (b.index, b.score, b.scores) == (1, 2.0, [1.0, 2.0, 0.0, 1.0, 2.0]) and b.completion is samples[1]

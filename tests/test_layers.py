@@ -19,6 +19,7 @@ LAYERS = [
     ["eval"],
     ["train"],
     ["pipeline"],
+    ["serve"],
     ["cli"],
 ]
 LAYER_OF = {name: i for i, names in enumerate(LAYERS) for name in names}

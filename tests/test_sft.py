@@ -203,7 +203,7 @@ def test_cli_sft_eval_end_to_end(base_run, tmp_path, capsys):
     assert rc == 0
     assert (out / "model.safetensors").exists() and (out / "trainer_state.json").exists()
     rc = main(["eval", str(out), "--tasks", "greetings,arithmetic_direct", "--n-examples", "3", "--json",
-               str(tmp_path / "e.json"), "--max-tokens", "8", "--quiet"])
+               str(tmp_path / "e.json"), "--max-new-tokens", "8", "--quiet"])
     assert rc == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert set(result["tasks"]) == {"greetings", "arithmetic_direct"}
@@ -217,7 +217,7 @@ def test_cli_lora_then_merge(base_run, tmp_path):
                  "--examples-per-task", "3", "--val-conversations", "0", "--lora", "--lora-rank", "4",
                  "--tasks", "greetings", "--no-progress", "--device", "cpu"]) == 0
     assert (out / "adapter" / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
-    assert main(["eval", str(out), "--tasks", "greetings", "--n-examples", "2", "--max-tokens", "4",
+    assert main(["eval", str(out), "--tasks", "greetings", "--n-examples", "2", "--max-new-tokens", "4",
                  "--modes", "greedy", "--quiet"]) == 0   # the engine runs on the PEFT-wrapped model
     assert main(["merge", str(out), "--out", str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "model.safetensors").exists()

@@ -1,34 +1,68 @@
-"""Inference commands: sample, bpb, chat, generate, index."""
+"""Inference commands: sample, bpb, chat, generate, index: parse the flags, call the library, print.
+
+chat talks through `infer.chat.ChatSession` (the conversation, its commands and context handling live there);
+generate's --vote and --best-of are `infer.ensemble.vote` and `best_of_n`. Names are shared with the rest of
+the CLI: --max-new-tokens (alias --max-tokens) for the reply's length, --samples (alias --n) for samples.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 
 from ..errors import ConfigError, GptstackError
 
+# the libraries' own lists (model/quant.MODES, infer/retrieval.EMBEDDERS, infer/mixing.MODES) import torch,
+# which --help must not
+QUANTIZE = ("int8", "bnb8", "nf4")
+EMBEDDERS = ("minilm", "bm25")
+MIX_MODES = ("fixed", "entropy")
+
+
 def _sampling_params(args):
+    """SamplingParams from the sampling flags (its max_tokens / n mirror the OpenAI API's names)."""
     from ..infer.sampling import SamplingParams
 
     return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                          max_tokens=args.max_tokens, seed=args.seed, stop=list(args.stop or []),
-                          repetition_penalty=args.repetition_penalty, n=getattr(args, "n", 1) or 1)
+                          max_tokens=args.max_new_tokens, seed=args.seed, stop=list(args.stop or []),
+                          repetition_penalty=args.repetition_penalty, n=getattr(args, "samples", 1) or 1)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--temperature", type=float, default=temperature)
-    g.add_argument("--top-k", type=int, default=50)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--max-tokens", type=int, default=200)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", help="stop string (repeatable)")
-    g.add_argument("--device", default="auto")
+    g.add_argument("--temperature", type=float, default=temperature, metavar="T",
+                   help="sampling temperature: 0 is greedy (deterministic), higher is more varied "
+                        "(default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=50, metavar="K",
+                   help="sample only among the K most likely tokens; 0: no limit (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="nucleus sampling: only the most likely tokens whose probabilities add up to P, in (0, 1]; "
+                        "1: off (default: %(default)s)")
+    g.add_argument("--min-p", type=float, default=0.0, metavar="P",
+                   help="drop tokens less likely than P times the most likely one, in [0, 1); 0: off "
+                        "(default: %(default)s)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, metavar="X",
+                   help="make tokens already generated less likely (CTRL-style; above 1 discourages repeats; "
+                        "1: off) (default: %(default)s)")
+    g.add_argument("--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=200, metavar="N",
+                   help="stop after N new tokens (the reply's length limit) (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed: the same seed and flags give the same text (default: a fresh sample each run)")
+    g.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop when the output contains TEXT, which is left out (repeatable)")
+
+
+def _add_device_flag(g) -> None:
+    g.add_argument("--device", default="auto",
+                   help="where to run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: %(default)s)")
+
+
+def _add_quantize_flag(g) -> None:
+    g.add_argument("--quantize", choices=QUANTIZE, default=None,
+                   help="low-precision weights: int8 (weight-only int8, per-channel scales), bnb8 (bitsandbytes "
+                        "LLM.int8), nf4 (bitsandbytes 4-bit NormalFloat) (default: full precision)")
 
 
 def cmd_sample(args) -> None:
@@ -91,14 +125,14 @@ def _speculate_flag(args) -> int:
     if speculate:
         why = ("chat" if args.func is cmd_chat else
                f"--temperature {args.temperature}" if args.temperature != 0 else
-               "--n > 1" if (getattr(args, "n", 1) or 1) > 1 else
+               "--samples > 1" if (getattr(args, "samples", 1) or 1) > 1 else
                "--best-of" if getattr(args, "best_of", 0) else
                "a grammar (--json-schema/--regex/--grammar)" if any(getattr(args, k, None) for k in
                                                                     ("json_schema", "regex", "grammar")) else
                "--mix-base" if getattr(args, "mix_base", None) else "")
         if why:
             raise ConfigError(f"--speculate verifies drafts against greedy decoding of one sequence "
-                              f"(generate, --temperature 0, --n 1, no grammar or mixing); not with {why}")
+                              f"(generate, --temperature 0, --samples 1, no grammar or mixing); not with {why}")
     return speculate
 
 
@@ -126,129 +160,74 @@ def _augment(index, text: str, k: int) -> str:
     return augment(text, index.search(text, k))
 
 
-def _add_infer_flags(p) -> None:
-    add_sampling_flags(p)
+def _add_infer_flags(p, temperature: float = 0.8) -> None:
+    add_sampling_flags(p, temperature)
     g = p.add_argument_group("inference")
-    g.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
+    _add_device_flag(g)
+    _add_quantize_flag(g)
     g.add_argument("--speculate", type=int, default=0, metavar="K",
                    help="generate with --temperature 0 and one sample: verify up to K prompt-lookup draft tokens "
-                        "per pass (same output as plain greedy; pays off on text that repeats or copies its prompt)")
-    g.add_argument("--retrieve", metavar="INDEX", default=None, help="retrieve passages from this index into the prompt")
+                        "per pass (same output as plain greedy; pays off on text that repeats or copies its prompt; "
+                        "default: 0, off)")
+    g.add_argument("--retrieve", metavar="INDEX", default=None,
+                   help="retrieve passages from this index (built by `gptstack index`) into the prompt")
     g.add_argument("--top-k-passages", "--passages", dest="passages", type=int, default=3, metavar="K",
-                   help="passages to retrieve (with --retrieve)")
-    g.add_argument("--embedder", choices=["minilm", "bm25"], default=None,
-                   help="embedder the index must have been built with (default: whichever it was)")
-    g.add_argument("--mix-base", metavar="RUN_DIR", default=None, help="mix in this base model's distribution")
-    g.add_argument("--mix-weight", type=float, default=0.3)
-    g.add_argument("--mix-mode", choices=["fixed", "entropy"], default="fixed")
+                   help="passages to retrieve (with --retrieve) (default: %(default)s)")
+    g.add_argument("--embedder", choices=EMBEDDERS, default=None,
+                   help="embedder the index must have been built with: an error if it was not "
+                        "(default: whichever it was)")
+    g.add_argument("--mix-base", metavar="RUN_DIR", default=None,
+                   help="mix in this base model's next-token distribution (the chat model's own base run)")
+    g.add_argument("--mix-weight", type=float, default=0.3, metavar="W",
+                   help="weight of the base model's distribution, in [0, 1] (with --mix-base) (default: %(default)s)")
+    g.add_argument("--mix-mode", choices=MIX_MODES, default="fixed",
+                   help="fixed: always mix with weight W; entropy: up to W, only where the chat model is more "
+                        "confident than the base (with --mix-base) (default: %(default)s)")
 
 
 def cmd_chat(args) -> None:
-    from dataclasses import replace
+    from ..infer.chat import COMMANDS, ChatSession
 
-    from ..errors import PromptError
-
-    engine, tok = _load_engine(args)
-    hooks, index = _infer_hooks(args, engine), _load_index(args)
-    params = replace(_sampling_params(args), n=1)
-    S = tok.special_ids
-    end = tok.assistant_end_id
-    system: list[str] = [args.system or ""]
-    turns: list[list[int]] = []        # each: user segment + reply + <|assistant_end|>
-    session = engine.session()
-    reserve = min(params.max_tokens, engine.max_context // 4)
-    interactive = args.prompt is None and sys.stdin.isatty()
+    engine, _ = _load_engine(args)
+    one_shot = args.prompt is not None
+    interactive = not one_shot and sys.stdin.isatty()
 
     def notice(msg: str) -> None:
-        print(f"[{msg}]", file=sys.stderr if args.prompt is not None else sys.stdout, flush=True)
+        print(f"[{msg}]", file=sys.stderr if one_shot else sys.stdout, flush=True)
 
-    def head() -> list[int]:
-        ids = [tok.bos_id]
-        if system[0]:
-            ids += [S["<|system_start|>"]] + tok.encode(system[0]) + [S["<|system_end|>"]]
-        return ids
-
-    def rebuild(extra: list[int]) -> None:
-        """Re-prefill (only on /system and when the context is full), first dropping the oldest turns until
-        the history, `extra` and room for a reply fit (a longer system prompt can overflow it too)."""
-        dropped = 0
-        while turns and len(head()) + sum(map(len, turns)) + len(extra) + reserve > engine.max_context:
-            turns.pop(0)
-            dropped += 1
-        if dropped:
-            notice(f"context full: dropped the {dropped} oldest turn(s)")
-        session.reset()
-        session.append(head() + [t for turn in turns for t in turn] + extra)
-
-    def turn(text: str) -> None:
-        if not text.strip():
-            raise PromptError("the message is empty")
-        seg = [S["<|user_start|>"]] + tok.encode(_augment(index, text, args.passages)) + [S["<|user_end|>"],
-                                                                                          S["<|assistant_start|>"]]
-        if len(head()) + len(seg) + reserve > engine.max_context:
-            raise PromptError(f"the message ({len(seg)} tokens) does not fit the {engine.max_context}-token "
-                              "context with room for a reply; shorten it")
-        if not session.tokens:
-            session.append(head())
-        if session.free < len(seg) + reserve:
-            rebuild(seg)
-        else:
-            session.append(seg)
-        start = len(session.tokens)
-        reply = session.generate(params, on_delta=lambda d: (sys.stdout.write(d), sys.stdout.flush()), hooks=hooks)
-        sys.stdout.write("\n")
+    def write(delta: str) -> None:
+        sys.stdout.write(delta)
         sys.stdout.flush()
-        if session.tokens[-1] != end:   # stopped by a string, the budget or another stop token: close the turn
-            session.truncate(start + len(reply.tokens))
-            session.append([end])
-        turns.append(seg + session.tokens[start:])
 
-    if args.prompt is not None:
-        turn(args.prompt)
+    chat = ChatSession(engine, _sampling_params(args), system=args.system or "", hooks=_infer_hooks(args, engine),
+                       index=_load_index(args), passages=args.passages, on_notice=notice)
+    if one_shot:
+        chat.turn(args.prompt, on_delta=write)
+        write("\n")
         return
     if interactive:
-        print("gptstack chat — /reset, /system TEXT, /temp T, /quit", flush=True)
+        print(f"gptstack chat — {COMMANDS}", flush=True)
     while True:
         if interactive:
-            sys.stdout.write("you> ")
-            sys.stdout.flush()
+            write("you> ")
         line = sys.stdin.readline()
         if not line:
             break
         line = line.rstrip("\n")
         if not line.strip():
             continue
-        if line.startswith("/"):
-            cmd, _, rest = line.partition(" ")
-            if cmd == "/quit":
+        if chat.is_command(line):
+            result = chat.command(line)
+            if result.quit:
                 break
-            if cmd == "/reset":
-                turns.clear()
-                session.reset()
-                notice("conversation reset")
-            elif cmd == "/system":
-                previous, system[0] = system[0], rest.strip()
-                if len(head()) + reserve > engine.max_context:
-                    system[0] = previous
-                    notice(f"error: that system prompt leaves no room for a reply in the {engine.max_context}-token "
-                           "context; kept the previous one")
-                    continue
-                rebuild([])
-                notice(f"system prompt {'set' if system[0] else 'cleared'}")
-            elif cmd == "/temp":
-                try:
-                    params = replace(params, temperature=float(rest))
-                    params.validate()
-                    notice(f"temperature {params.temperature}")
-                except (ValueError, GptstackError):
-                    notice("usage: /temp T with T >= 0")
-            else:
-                notice(f"unknown command {cmd}; commands: /reset /system TEXT /temp T /quit")
+            notice(result.message)
             continue
         try:
-            turn(line)
+            chat.turn(line, on_delta=write)
         except GptstackError as e:
             notice(f"error: {e}")
+        else:
+            write("\n")
 
 
 def cmd_generate(args) -> None:
@@ -261,11 +240,11 @@ def cmd_generate(args) -> None:
     grammar_args = [a for a in ("json_schema", "regex", "grammar") if getattr(args, a)]
     if len(grammar_args) > 1:
         raise ConfigError("give at most one of --json-schema, --regex, --grammar")
-    for flag, k in (("--n", args.n), ("--best-of", args.best_of)):
+    for flag, k in (("--samples", args.samples), ("--best-of", args.best_of)):
         if k is not None and k < 1:
             raise ConfigError(f"{flag} must be at least 1, got {k}")
-    if args.vote and not args.n:
-        raise ConfigError("--vote TASK needs --n K (the samples to vote over)")
+    if args.vote and not args.samples:
+        raise ConfigError("--vote TASK needs --samples K (the samples to vote over)")
     if args.best_of and not args.reward:
         raise ConfigError("--best-of K needs --reward rm:RUN_DIR")
     if args.reward and not args.reward.startswith("rm:"):
@@ -296,7 +275,7 @@ def cmd_generate(args) -> None:
     text = _augment(index, args.prompt, args.passages)
     chat = args.chat or task is not None or index is not None
     ids = tok.render_prompt([{"role": "user", "content": text}]) if chat else tok.encode(text, bos=True)
-    k = args.best_of or args.n or 1
+    k = args.best_of or args.samples or 1
     params = replace(_sampling_params(args), n=k)
     if not chat:
         params.stop_token_ids = [tok.bos_id]
@@ -308,22 +287,17 @@ def cmd_generate(args) -> None:
         hooks.append(GrammarHook(tok, grammar, engine.config.vocab_size))
     results = {"prompt": args.prompt}
     if reward_dir is not None:
-        from ..infer.ensemble import reward_model_scorer
+        from ..infer.ensemble import best_of_n, reward_model_scorer
 
-        scorer = reward_model_scorer(reward_dir, engine.device)
-        samples = engine.generate([ids], params, hooks=hooks)[0]
-        scores = [float(s) for s in scorer.batch([(ids, c.tokens) for c in samples])]
-        best = max(range(len(samples)), key=lambda j: (scores[j], -j))
-        chosen = [samples[best]]
-        results.update(best_of=k, scores=scores, chosen=best)
+        best = best_of_n(engine, [ids], k, reward_model_scorer(reward_dir, engine.device), params, hooks=hooks)[0]
+        chosen = [best.completion]
+        results.update(best_of=k, scores=best.scores, chosen=best.index)
     elif task is not None:
-        from ..infer.ensemble import majority_vote
+        from ..infer.ensemble import vote
 
-        samples = engine.generate([ids], params, hooks=hooks)[0]
-        answers = [task.extract(c.text) for c in samples]
-        answer, first = majority_vote(answers)
-        chosen = [samples[first]] if first >= 0 else []
-        results.update(answer=answer, answers=answers)
+        v = vote(task, engine.generate([ids], params, hooks=hooks)[0])
+        chosen = [v.completion] if v.completion is not None else []
+        results.update(answer=v.answer, answers=v.answers)
     elif k == 1 and not args.json and grammar is None:
         if not chat:
             sys.stdout.write(args.prompt)
@@ -344,11 +318,11 @@ def cmd_generate(args) -> None:
     if args.json:
         print(json.dumps(results, ensure_ascii=False))
         return
-    if "answer" in results:
-        print(f"answer: {results['answer']}   votes: {json.dumps({a: results['answers'].count(a) for a in set(results['answers']) if a is not None})}")
-    if "scores" in results:
-        print(f"best of {k}: sample {results['chosen']} (reward {results['scores'][results['chosen']]:.3f}; "
-              f"all: {', '.join(f'{s:.3f}' for s in results['scores'])})")
+    if task is not None:
+        print(f"answer: {v.answer}   votes: {json.dumps(v.votes)}")
+    if reward_dir is not None:
+        print(f"best of {k}: sample {best.index} (reward {best.score:.3f}; "
+              f"all: {', '.join(f'{s:.3f}' for s in best.scores)})")
     for c in chosen:
         print(c.text)
 
@@ -372,48 +346,64 @@ def cmd_index(args) -> None:
 
 def register_infer_commands(sub) -> None:
     p = sub.add_parser("sample", help="continue a prompt with a model, streaming")
-    p.add_argument("run")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--quantize", choices=["int8", "bnb8", "nf4"], default=None, help="low-precision weights")
+    p.add_argument("run", help="run directory of the model")
+    p.add_argument("--prompt", required=True, help="text to continue (printed, then its continuation)")
     add_sampling_flags(p)
+    g = p.add_argument_group("model")
+    _add_device_flag(g)
+    _add_quantize_flag(g)
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("bpb", help="bits per byte of text files under a model")
-    p.add_argument("run")
-    p.add_argument("files", nargs="+")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("--device", default="auto")
+    p.add_argument("run", help="run directory of the model")
+    p.add_argument("files", nargs="+", help="text files to score")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    _add_device_flag(p)
     p.set_defaults(func=cmd_bpb)
 
     p = sub.add_parser("chat", help="multi-turn chat with a model in the terminal (streams replies)")
-    p.add_argument("run")
-    p.add_argument("-p", "--prompt", default=None, help="one-shot: print the reply to this message and exit")
-    p.add_argument("--system", default=None, help="system prompt")
-    _add_infer_flags(p)
-    p.set_defaults(func=cmd_chat, temperature=0.7)
+    p.add_argument("run", help="run directory of the chat model (an SFT, RL or DPO run)")
+    p.add_argument("-p", "--prompt", default=None,
+                   help="one-shot: print the reply to this message and exit (notices go to stderr)")
+    p.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
+    _add_infer_flags(p, temperature=0.7)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate from a prompt: constrained (JSON schema/regex/grammar), "
                                         "voted, best-of-n, retrieval-augmented")
-    p.add_argument("run")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--chat", action="store_true", help="render the prompt as a user turn of a chat")
-    p.add_argument("--json-schema", metavar="FILE", default=None)
-    p.add_argument("--regex", default=None)
-    p.add_argument("--grammar", metavar="FILE", default=None, help="a Lark grammar file")
-    p.add_argument("--n", type=int, default=None, help="samples (with --vote: voters)")
-    p.add_argument("--vote", metavar="TASK", default=None, help="majority vote of --n samples by TASK's answer")
-    p.add_argument("--best-of", type=int, default=None, metavar="K")
-    p.add_argument("--reward", metavar="rm:RUN_DIR", default=None, help="reward model for --best-of")
-    p.add_argument("--json", action="store_true", help="print a JSON result")
+    p.add_argument("run", help="run directory of the model")
+    p.add_argument("--prompt", required=True, help="the prompt: text to continue, or with --chat a user message")
+    p.add_argument("--chat", action="store_true",
+                   help="render the prompt as a user turn of a chat (implied by --vote and --retrieve)")
+    g = p.add_argument_group("constraints (at most one)")
+    g.add_argument("--json-schema", metavar="FILE", default=None,
+                   help="the output is JSON valid under the JSON schema in FILE")
+    g.add_argument("--regex", default=None, metavar="REGEX", help="the output matches this regular expression")
+    g.add_argument("--grammar", metavar="FILE", default=None, help="the output parses under the Lark grammar in FILE")
+    g = p.add_argument_group("samples")
+    g.add_argument("--samples", "--n", dest="samples", type=int, default=None, metavar="K",
+                   help="samples to draw from the prompt, all printed (with --vote: the voters) (default: 1)")
+    g.add_argument("--vote", metavar="TASK", default=None,
+                   help="majority vote of the --samples samples by the final answer TASK extracts from each "
+                        "(a task name, see `gptstack tasks list`); prints the winning sample")
+    g.add_argument("--best-of", type=int, default=None, metavar="K",
+                   help="draw K samples and print the one the --reward model scores highest")
+    g.add_argument("--reward", metavar="rm:RUN_DIR", default=None,
+                   help="reward model for --best-of (a run trained by `gptstack reward`)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: the completions, and the votes or scores")
     _add_infer_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("index", help="build a retrieval index from documents (.txt/.md folder, .jsonl, task:facts)")
-    p.add_argument("docs")
-    p.add_argument("--out", required=True)
-    p.add_argument("--embedder", choices=["minilm", "bm25"], default="minilm")
-    p.add_argument("--max-words", type=int, default=120)
-    p.add_argument("--overlap", type=int, default=20)
+    p.add_argument("docs", help="a folder of .txt/.md files, a .txt/.md file, a .jsonl file with a text field, or "
+                                "task:NAME for a task's document corpus (task:facts)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write the index to")
+    p.add_argument("--embedder", choices=EMBEDDERS, default="minilm",
+                   help="minilm: MiniLM sentence embeddings (dense; needs the model); bm25: word-overlap scoring "
+                        "(no model) (default: %(default)s)")
+    p.add_argument("--max-words", type=int, default=120, metavar="N",
+                   help="words per chunk: documents are split into chunks of at most N words (default: %(default)s)")
+    p.add_argument("--overlap", type=int, default=20, metavar="N",
+                   help="words each chunk repeats from the end of the previous one (default: %(default)s)")
     p.set_defaults(func=cmd_index)
-
-

@@ -228,8 +228,8 @@ def _mask_thread():
 def check_complete(completion, what: str = "output") -> None:
     """A ConfigError if a constrained completion ran out of tokens before its grammar completed."""
     if completion.finish_reason != "stop":
-        raise ConfigError(f"the {what} hit --max-tokens ({len(completion.tokens)} tokens) before the grammar "
-                          "completed, so it may not parse; raise --max-tokens")
+        raise ConfigError(f"the {what} hit --max-new-tokens ({len(completion.tokens)} tokens) before the grammar "
+                          "completed, so it may not parse; raise --max-new-tokens")
 
 
 def generate_constrained(engine, prompts: Sequence[Sequence[int]], params: SamplingParams, grammar: str):
