@@ -124,7 +124,7 @@ def cmd_tasks(args) -> None:
     if not args.name:
         raise GptstackError(f"'gptstack tasks {args.action}' needs a task name; see 'gptstack tasks list'")
     task = get_task(args.name)
-    examples = task.generate(args.split, args.n if args.action == "generate" else min(args.n, 3), args.seed)
+    examples = task.generate(args.split, args.n_examples if args.action == "generate" else min(args.n_examples, 3), args.seed)
     if args.action == "show":
         print(f"{task.NAME}: {task.DESCRIPTION}")
         for e in examples:
@@ -197,7 +197,7 @@ def register_train_commands(sub) -> None:
     p.add_argument("action", choices=["list", "show", "generate"], help="list the tasks, show a few examples, or write examples as JSONL")
     p.add_argument("name", nargs="?", default=None, help="the task (see 'gptstack tasks list')")
     p.add_argument("--split", choices=["train", "test"], default="train", help="which split's examples")
-    p.add_argument("--n", type=int, default=100, help="examples to write (show: at most 3)")
+    p.add_argument("--n-examples", "--n", dest="n_examples", type=int, default=100, help="examples to write (show: at most 3)")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="JSONL file (default: stdout)")
     p.set_defaults(func=cmd_tasks)
@@ -272,7 +272,7 @@ def cmd_align_eval(args) -> None:
 
     device = resolve_device(args.device)
     ref = load_model(args.ref, device)[0] if args.ref else None
-    examples = task_examples(args.tasks, "test", args.n, args.seed, per_task=True)
+    examples = task_examples(args.tasks, "test", args.n_examples, args.seed, per_task=True)
     rows = {}
     for run in args.runs:
         model, tok, _ = load_model(run, device)
@@ -311,7 +311,7 @@ def _register_align_commands(sub) -> None:
     p.add_argument("runs", nargs="+", help="the runs to compare")
     p.add_argument("--ref", default="", help="reference run for the KL column (usually the SFT run)")
     p.add_argument("--tasks", default="extraction,spelling", help="tasks whose held-out prompts are scored")
-    p.add_argument("--n", type=int, default=48, help="held-out prompts per task")
+    p.add_argument("--n-examples", "--n", dest="n_examples", type=int, default=48, help="held-out prompts per task")
     p.add_argument("--max-new-tokens", type=int, default=40, help="the longest reply, in new tokens")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
