@@ -31,3 +31,25 @@ def save_run(run_dir, model: GPT, tokenizer) -> str:
     atomic_write_json(d / "config.json", {"model": model.config.to_dict(), "stage": "test"})
     tokenizer.save(d / "tokenizer")
     return str(d)
+
+
+class BanHook:
+    """A logits hook that makes one token impossible; counts its calls and the most rows it saw at once."""
+
+    def __init__(self, token):
+        self.token, self.calls, self.rows = token, 0, 0
+
+    def start(self, n_rows):
+        self.rows = max(self.rows, n_rows)
+
+    def process(self, logits, rows):
+        self.calls += 1
+        logits = logits.clone()
+        logits[:, self.token] = float("-inf")
+        return logits
+
+    def accept(self, rows, tokens):
+        pass
+
+    def finished(self, row):
+        return False

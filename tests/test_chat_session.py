@@ -3,7 +3,7 @@ system prompt, context overflow, and the /reset /system /temp /quit commands."""
 
 import pytest
 
-from _infer_util import tiny_model
+from _infer_util import BanHook, tiny_model
 from gptstack.errors import ConfigError, PromptError
 from gptstack.infer.chat import ChatSession
 from gptstack.infer.engine import Engine
@@ -22,28 +22,6 @@ def greedy(max_tokens=12, **kw):
 def user_segment(tok, text):
     S = tok.special_ids
     return [S["<|user_start|>"]] + tok.encode(text) + [S["<|user_end|>"], S["<|assistant_start|>"]]
-
-
-class BanHook:
-    """A logits hook that makes one token impossible and counts its calls."""
-
-    def __init__(self, token):
-        self.token, self.calls = token, 0
-
-    def start(self, n_rows):
-        pass
-
-    def process(self, logits, rows):
-        self.calls += 1
-        logits = logits.clone()
-        logits[:, self.token] = float("-inf")
-        return logits
-
-    def accept(self, rows, tokens):
-        pass
-
-    def finished(self, row):
-        return False
 
 
 def test_turns_reuse_the_session_and_render_with_special_tokens(engine, tiny_tokenizer):

@@ -2,7 +2,7 @@
 
 import pytest
 
-from _infer_util import tiny_model
+from _infer_util import BanHook, tiny_model
 from gptstack.data.tasks import get_task
 from gptstack.errors import ConfigError
 from gptstack.infer.engine import Engine
@@ -61,27 +61,6 @@ def test_k_below_one_is_config_error(engine, k):
         best_of_n(engine, [[1, 2]], k, lambda p, c: 0.0)
     with pytest.raises(ConfigError):
         self_consistency(engine, get_task("arithmetic_direct"), [], k)
-
-
-class BanHook:
-    """A logits hook that makes one token impossible and counts the rows it saw."""
-
-    def __init__(self, token):
-        self.token, self.rows = token, 0
-
-    def start(self, n_rows):
-        self.rows = max(self.rows, n_rows)
-
-    def process(self, logits, rows):
-        logits = logits.clone()
-        logits[:, self.token] = float("-inf")
-        return logits
-
-    def accept(self, rows, tokens):
-        pass
-
-    def finished(self, row):
-        return False
 
 
 def _most_common_token(samples):
