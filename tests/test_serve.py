@@ -36,11 +36,12 @@ def instrumented_engine(model, tok) -> Engine:
     """An engine whose forward passes are counted and can be slowed down (`delay` seconds each) or kept from
     ever choosing a stop token (`ban_stop`), so a reply is long enough to interrupt."""
     engine = Engine(model, tok)
-    engine.calls, engine.delay, engine.ban_stop = 0, 0.0, False
+    engine.calls, engine.delay, engine.ban_stop, engine.widths = 0, 0.0, False, []
     forward = engine._forward
 
     def counted(*args, **kwargs):
         engine.calls += 1
+        engine.widths.append(args[0].shape[0])   # rows in this forward pass
         if engine.delay:
             time.sleep(engine.delay)
         logits = forward(*args, **kwargs)
@@ -285,8 +286,7 @@ def test_response_format_json_schema(client):
 
 
 def test_json_object_regex_and_extras(client):
-    r = chat(client, max_tokens=60, temperature=0, response_format={"type": "json_object"},
-             extra_body={"regex": None})
+    r = chat(client, max_tokens=60, temperature=0, response_format={"type": "json_object"})
     if r.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(r.choices[0].message.content), dict)
     else:
@@ -496,6 +496,39 @@ def test_full_queue_is_503_and_waiting_requests_batch(model, tiny_tokenizer, ref
         # seeded sampling does not batch (its text must not depend on its neighbours)
         engine.delay = 0.0
         assert cl.chat.completions.create(messages=USER, **params).choices[0].message.content is not None
+    finally:
+        srv.close()
+
+
+def test_cancelling_one_request_of_a_batch_keeps_the_other(model, tiny_tokenizer):
+    engine = instrumented_engine(model, tiny_tokenizer)
+    srv = RunningServer(create_app(engine, MODEL, ServeConfig(max_batch=4)))
+    try:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        engine.delay, engine.ban_stop = 0.01, True
+        blocker = cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, stream=True)
+        next(iter(blocker))
+        params = dict(model=MODEL, max_tokens=60, temperature=0, stream=True)
+        a = cl.chat.completions.create(messages=[{"role": "user", "content": "The king"}], **params)
+        b = cl.chat.completions.create(messages=[{"role": "user", "content": "Thou art"}], **params)
+        while srv.health()["waiting"] < 2:
+            time.sleep(0.02)
+        blocker.close()
+        a_iter, b_iter = iter(a), iter(b)
+        b_text = ""
+        for _ in range(4):
+            next(a_iter)
+            ch = next(b_iter)
+            b_text += ch.choices[0].delta.content or "" if ch.choices else ""
+        mark = len(engine.widths)
+        a.close()
+        b_text += "".join(ch.choices[0].delta.content or "" for ch in b_iter if ch.choices)
+        wait_idle(srv)
+        widths = engine.widths[mark:]
+        assert widths[-1] == 1 and widths.count(2) < 20, widths   # a's row left the batch, b's went on
+        alone = cl.chat.completions.create(messages=[{"role": "user", "content": "Thou art"}], **{
+            **params, "stream": False})
+        assert b_text == alone.choices[0].message.content and alone.usage.completion_tokens == 60
     finally:
         srv.close()
 

@@ -17,6 +17,7 @@ from ..errors import GptstackError, Interrupted
 
 from .infer import register_infer_commands
 from .pipeline import register_pipeline_commands
+from .serve import register_serve_commands
 from .train import register_train_commands
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_train_commands(sub)
     register_infer_commands(sub)
     register_pipeline_commands(sub)
+    register_serve_commands(sub)
     for command in sub.choices.values():   # one flag, every command (threads are per process)
         command.add_argument("--threads", type=int, default=None, metavar="N",
                              help="torch threads (default: one per core, or $GPTSTACK_THREADS); fewer when other "

@@ -1,0 +1,304 @@
+"""The scheduler between HTTP requests and the one engine: a bounded queue and one worker thread.
+
+    scheduler = Scheduler(engine, max_batch=8, max_queue=32)
+    scheduler.start()
+    handle = scheduler.submit(GenRequest(prompts=[ids], params=SamplingParams(...)))   # QueueFull when full
+    async for item in handle:        # Delta per piece of text (per choice), then one Result
+        ...
+    handle.cancel()                  # the client went away: its rows stop at their next token
+    scheduler.close()
+
+That interface (submit a request, get an async iterator of deltas, cancel) is the contract the HTTP layer
+relies on; everything behind it is meant to be replaced. Today one worker thread owns the engine and runs
+one `engine.events` call at a time: when it becomes free it takes the oldest waiting request, plus any other
+waiting requests whose parameters let them share a batch (identical sampling parameters, no grammar, no
+logit bias, no seed unless greedy — a seed must give the same text however the batch was made up), up to
+`max_batch` requests; anything else waits for the next call. A request that arrives while a batch runs
+waits for the whole batch. The next step replaces this class with continuous batching inside the engine:
+requests join a running batch between decode steps and leave it when they finish, with the same submit /
+iterate / cancel interface, so app.py does not change.
+
+Events reach the request's asyncio loop through `loop.call_soon_threadsafe`, so the worker never blocks on a
+slow client. A cancelled request is dropped from the queue at once or, when running, ended through
+CancelHook (the engine drops its rows at the next token; the rest of its batch goes on).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from dataclasses import astuple, dataclass, field
+
+from ..errors import GptstackError
+from ..infer.sampling import SamplingParams
+from .hooks import CancelHook, LogitBiasHook, LogprobHook, TokenLogprob
+
+log = logging.getLogger("gptstack.serve")
+
+
+@dataclass
+class GenRequest:
+    """What to generate: `prompts` (token ids; a chat request has one), `params.n` samples of each."""
+    prompts: list[list[int]]
+    params: SamplingParams
+    grammar: str | None = None              # an llguidance grammar (compile_grammar), for every choice
+    top_logprobs: int | None = None         # None: no logprobs; k: each token's logprob and the k most likely
+    logit_bias: dict[int, float] | None = None
+
+    def batch_key(self):
+        """Requests with equal keys can share one engine call; None: this one runs alone."""
+        p = self.params
+        if self.grammar is not None or self.logit_bias or (p.seed is not None and p.temperature > 0):
+            return None
+        values = astuple(p)
+        return tuple(tuple(v) if isinstance(v, list) else v for v in values), self.top_logprobs
+
+
+@dataclass
+class Delta:
+    """Text released for one choice (`choice` = prompt index * n + sample index), with the logprobs of the
+    tokens it covers when asked for; `finish_reason` is set on a choice's last delta, exactly once."""
+    choice: int
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Result:
+    """The last item of a request: every choice whole, and the token counts for `usage`."""
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class QueueFull(GptstackError):
+    """More requests are waiting or running than the server accepts."""
+
+
+class Cancelled(GptstackError):
+    """The request was cancelled (client gone, or the server is shutting down)."""
+
+
+_END = object()
+
+
+class Handle:
+    """One submitted request. Iterate it (once) from the loop that submitted it."""
+
+    def __init__(self, scheduler: "Scheduler", request: GenRequest, loop: asyncio.AbstractEventLoop):
+        self.scheduler = scheduler
+        self.request = request
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+        self.done = False
+
+    # worker side
+    def _push(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:   # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+    def _finish(self, error: BaseException | None = None) -> None:
+        if error is not None:
+            self._push(error)
+        self._push(_END)
+
+    # client side
+    def cancel(self) -> None:
+        if not self.done and not self.cancelled:
+            self.cancelled = True
+            self.scheduler._cancel(self)
+
+    def __aiter__(self):
+        return self._items()
+
+    async def _items(self):
+        while True:
+            item = await self.queue.get()
+            if item is _END:
+                self.done = True
+                return
+            if isinstance(item, BaseException):
+                self.done = True
+                raise item
+            yield item
+
+    async def result(self) -> Result:
+        async for item in self:
+            if isinstance(item, Result):
+                self.done = True
+                return item
+        raise Cancelled("the request ended without a result")
+
+
+class Scheduler:
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 32):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self._waiting: collections.deque[Handle] = collections.deque()
+        self._running: list[Handle] = []
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.batches = 0            # engine calls made, and requests they served (for /health and tests)
+        self.batched_requests = 0
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="gptstack-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            for h in self._running:
+                h.cancelled = True
+            self._cv.notify_all()
+        for h in waiting:
+            h._finish(Cancelled("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._running), "batches": self.batches,
+                    "batched_requests": self.batched_requests}
+
+    def submit(self, request: GenRequest) -> Handle:
+        """Queue a request; call it from the event loop that will iterate the handle."""
+        handle = Handle(self, request, asyncio.get_running_loop())
+        with self._cv:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            if len(self._waiting) + len(self._running) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting or running; "
+                                "retry shortly")
+            self._waiting.append(handle)
+            self._cv.notify()
+        return handle
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._cv:
+            try:
+                self._waiting.remove(handle)
+            except ValueError:
+                return     # running: CancelHook ends its rows
+        handle._finish()
+
+    # ---- worker thread -----------------------------------------------------------------------------------
+    def _take(self) -> list[Handle]:
+        """The oldest waiting request and the waiting ones that can share its engine call."""
+        first = self._waiting.popleft()
+        batch = [first]
+        key = first.request.batch_key()
+        if key is not None:
+            for h in list(self._waiting):
+                if len(batch) >= self.max_batch:
+                    break
+                if h.request.batch_key() == key:
+                    self._waiting.remove(h)
+                    batch.append(h)
+        return batch
+
+    def _work(self) -> None:
+        self._warm_up()
+        while True:
+            with self._cv:
+                while not self._waiting and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+                self._running = batch
+                self.batches += 1
+                self.batched_requests += len(batch)
+            try:
+                self._run(batch)
+            except GptstackError as e:
+                for h in batch:
+                    h._finish(e)
+            except Exception as e:   # a bug: the request fails, the server keeps serving
+                log.exception("generation failed")
+                for h in batch:
+                    h._finish(RuntimeError(f"internal error during generation: {type(e).__name__}: {e}"))
+            finally:
+                with self._cv:
+                    self._running = []
+
+    def _warm_up(self) -> None:
+        """Build llguidance's view of the vocabulary now (about a second), not in the first JSON request."""
+        try:
+            from ..infer.constrained import ll_tokenizer
+
+            ll_tokenizer(self.engine.tokenizer)
+        except Exception:   # constrained requests will report it themselves
+            log.debug("llguidance warm-up failed", exc_info=True)
+
+    def _run(self, batch: list[Handle]) -> None:
+        engine, tok = self.engine, self.engine.tokenizer
+        first = batch[0].request
+        params = first.params
+        n = params.n
+        prompts: list[list[int]] = []
+        owner: list[tuple[Handle, int]] = []          # generation row -> (request, its choice index)
+        for h in batch:
+            prompts.extend(h.request.prompts)
+            owner.extend((h, local) for local in range(len(h.request.prompts) * n))
+        hooks: list = []
+        lp_hook = None
+        if first.top_logprobs is not None:
+            lp_hook = LogprobHook(first.top_logprobs, tok.vocab_size)
+            hooks.append(lp_hook)    # first: it must see the model's own logits
+        if first.logit_bias:
+            hooks.append(LogitBiasHook(first.logit_bias))
+        if first.grammar is not None:
+            from ..infer.constrained import GrammarHook, grammar_params
+
+            hooks.append(GrammarHook(tok, first.grammar, engine.config.vocab_size))
+            params = grammar_params(params, tok)
+        hooks.append(CancelHook(lambda row: owner[row][0].cancelled))
+
+        out: list = []
+        sent = [0] * len(owner)                       # logprob entries already delivered, per row
+        for ev in engine.events(prompts, params, hooks, out):
+            h, local = owner[ev.row]
+            if h.cancelled:
+                if all(b.cancelled for b in batch):
+                    break
+                continue
+            lps: list[TokenLogprob] = []
+            if lp_hook is not None:
+                upto = len(out[ev.row // n][ev.row % n].tokens)   # the stop token that ended a row is not output
+                lps = lp_hook.rows[ev.row][sent[ev.row]:upto]
+                sent[ev.row] = upto
+            h._push(Delta(local, ev.delta, lps, ev.finish_reason or None))
+        else:
+            row = 0
+            for h in batch:
+                choices = []
+                for local in range(len(h.request.prompts) * n):
+                    c = out[row // n][row % n]
+                    lps = lp_hook.rows[row][:len(c.tokens)] if lp_hook is not None else None
+                    choices.append(Choice(local, c.text, list(c.tokens), c.finish_reason, lps))
+                    row += 1
+                if not h.cancelled:
+                    h._push(Result(choices, sum(len(p) for p in h.request.prompts),
+                                   sum(len(c.tokens) for c in choices)))
+        for h in batch:
+            h._finish()
