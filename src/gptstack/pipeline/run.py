@@ -150,10 +150,15 @@ def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) 
 
 
 def _describe(name: str, cfg) -> str:
+    """The one line printed when a stage starts: its budget, or what it samples or scores."""
+    if name == "prefs":
+        return f"{cfg.n_prompts} prompts x {cfg.samples} samples of {cfg.tasks}"
+    if name == "eval":
+        return f"{cfg.n_examples} test examples per task"
     if cfg is None:
-        return name
-    budget = [f"{cfg.minutes:g} min" if getattr(cfg, "minutes", 0) else "", f"{cfg.steps} steps" if getattr(cfg, "steps", 0) else ""]
-    return ", ".join(b for b in budget if b) or type(cfg).__name__
+        return "from the run directories"
+    budget = [f"{cfg.minutes:g} min" if cfg.minutes else "", f"{cfg.steps} steps" if cfg.steps else ""]
+    return " or ".join(b for b in budget if b) or "the token budget"
 
 
 def _run_stage(name: str, cfg, paths: dict[str, Path], root: Path, preset: Preset, pcfg: PipelineConfig) -> bool:
