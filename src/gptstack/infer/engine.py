@@ -31,8 +31,6 @@ the context is full.
 
 from __future__ import annotations
 
-import codecs
-from dataclasses import dataclass, field
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -40,7 +38,8 @@ import torch
 from ..devices import autocast, resolve_dtype
 from ..errors import ConfigError, PromptError
 from ..model.gpt import KVCache, core_gpt
-from .sampling import SamplingParams, sample_next
+from .batch import Batcher, Completion, Event, PrefixCache, Request, _Detok  # noqa: F401 (re-exported)
+from .sampling import SamplingParams
 
 
 class LogitsHook(Protocol):
@@ -49,78 +48,6 @@ class LogitsHook(Protocol):
     def process(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor: ...
     def accept(self, rows: torch.Tensor, tokens: torch.Tensor) -> None: ...
     def finished(self, row: int) -> bool: ...
-
-
-@dataclass
-class Completion:
-    prompt_index: int
-    sample_index: int
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str = ""          # "stop" (stop token/string or hook), "length" (max tokens or context)
-    logprobs: list[float] | None = None
-
-
-@dataclass
-class Event:
-    """One generated token of one row and the text it released (`delta`, possibly empty). The last event of a
-    row has `finish_reason` set; when a stop token ended the row, `token` is that stop token (it is not part
-    of the completion) and `delta` flushes any text held back."""
-    row: int
-    token: int
-    delta: str
-    finish_reason: str = ""
-
-
-class _Detok:
-    """Incremental detokenizer with stop strings for one row."""
-
-    __slots__ = ("decoder", "text", "emitted", "stops", "max_stop")
-
-    def __init__(self, stops: Sequence[str]):
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.text = ""
-        self.emitted = 0
-        self.stops = list(stops)
-        self.max_stop = max((len(s) for s in stops), default=0)
-
-    def push(self, data: bytes) -> tuple[str, bool]:
-        """Add a token's bytes; returns (text released for streaming, stop string hit)."""
-        new = self.decoder.decode(data)
-        if not new:
-            return "", False
-        old_len = len(self.text)
-        self.text += new
-        if self.stops:
-            start = max(0, old_len - self.max_stop + 1)
-            hits = [i for i in (self.text.find(s, start) for s in self.stops) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                return self.flush(), True
-            safe = len(self.text) - self._held_back()
-        else:
-            safe = len(self.text)
-        delta = self.text[self.emitted:safe]
-        self.emitted = max(self.emitted, safe)
-        return delta, False
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        for k in range(min(self.max_stop - 1, len(self.text)), 0, -1):
-            tail = self.text[-k:]
-            if any(s.startswith(tail) for s in self.stops):
-                return k
-        return 0
-
-    def flush(self) -> str:
-        delta = self.text[self.emitted:]
-        self.emitted = len(self.text)
-        return delta
-
-    def finish(self) -> str:
-        """End of the row: a dangling partial character becomes U+FFFD; returns what was not yet released."""
-        self.text += self.decoder.decode(b"", final=True)
-        return self.flush()
 
 
 class Engine:
@@ -186,151 +113,28 @@ class Engine:
     @torch.no_grad()
     def events(self, prompts: Sequence[Sequence[int]], params: SamplingParams,
                hooks: Sequence[LogitsHook] = (), out: list[list[Completion]] | None = None) -> Iterator[Event]:
-        """Run generation, yielding an Event per generated token; fills `out[prompt][sample]`."""
-        params.validate()
-        self.check_prompts(prompts)
-        n_prompts, n = len(prompts), params.n
-        longest = max(len(p) for p in prompts)
-        max_new = min(params.max_tokens, self.max_context - longest)
-        cache = KVCache(self.config, n_prompts, longest + max_new, self.device, self.cache_dtype)
-        ids = torch.zeros(n_prompts, longest, dtype=torch.long)
-        valid = torch.zeros(n_prompts, longest, dtype=torch.bool)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.as_tensor(list(p))
-            valid[i, longest - len(p):] = True
-        ids, valid = ids.to(self.device), valid.to(self.device)
-        padded = not bool(valid.all())
-        pad = (~valid).sum(dim=1)
-        positions = (torch.arange(longest, device=self.device)[None, :] - pad[:, None]).clamp(min=0)
-        logits = self._forward(ids, cache, positions, new_valid=valid if padded else None)
-        cache.expand(n)
-        if n > 1:
-            logits = logits.repeat_interleave(n, dim=0)
-        next_pos = (longest - pad).repeat_interleave(n)
+        """Run generation, yielding an Event per generated token; fills `out[prompt][sample]`.
 
-        rows = n_prompts * n
-        completions = [[Completion(i, j) for j in range(n)] for i in range(n_prompts)]
+        One request in a batch of its own (infer/batch.py holds the loop, which the server shares)."""
+        req = Request(self, prompts, params, hooks)
         if out is not None:
-            out[:] = completions
-        flat = [completions[r // n][r % n] for r in range(rows)]
-        if params.logprobs:
-            for c in flat:
-                c.logprobs = []
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids())
-        gen = torch.Generator(device=self.device).manual_seed(params.seed) if params.seed is not None else None
-        counts = torch.zeros(rows, logits.size(-1), device=self.device) if params.uses_penalties() else None
-        for h in hooks:
-            if hasattr(h, "begin"):
-                h.begin([list(p) for p in prompts], n)
-            h.start(rows)
-        detok = [_Detok(params.stop) for _ in range(rows)]
-        active = torch.arange(rows, device=self.device)   # row ids still generating, in cache order
-        active_list = list(range(rows))
-        # Forced-token fast-forward: when a grammar leaves only one way to go on (the keys and punctuation of
-        # a JSON object), those tokens are taken without computing masks or sampling, and fed to the model in
-        # one chunk with the sampled token. Only with hooks that all know about forcing (a mixing hook runs
-        # a model of its own one token at a time) and without logprobs (forced tokens get no logits).
-        ff_hooks = [h for h in hooks if hasattr(h, "forced_tokens")]
-        fast_forward = (self.fast_forward and bool(hooks) and len(ff_hooks) == len(hooks)
-                        and not params.logprobs)
-        prefetch_hooks = [h for h in hooks if hasattr(h, "prefetch")]
-
-        def take(r: int, t: int, lp: float | None, events: list) -> bool:
-            """Add token t to row r; False when the row is finished by it (its last event is queued)."""
-            c, d = flat[r], detok[r]
-            if t in stop_ids:
-                c.finish_reason = "stop"
-                events.append(Event(r, t, d.finish(), "stop"))
-                return False
-            c.tokens.append(t)
-            if lp is not None:
-                c.logprobs.append(lp)
-            delta, hit = d.push(self.token_bytes(t))
-            if hit or any(h.finished(r) for h in hooks):
-                c.finish_reason = "stop"
-            elif len(c.tokens) >= max_new:
-                c.finish_reason = "length"
-            else:
-                if delta:
-                    events.append(Event(r, t, delta))
-                return True
-            events.append(Event(r, t, delta + d.finish(), c.finish_reason))
-            return False
-
-        if (self.speculate > 0 and rows == 1 and not hooks and params.temperature == 0 and not params.logprobs
-                and counts is None):
-            yield from self._speculative(list(prompts[0]), logits, cache, int(next_pos[0]), max_new, take)
-            for r, c in enumerate(flat):
-                c.text = detok[r].text
+            out[:] = req.completions
+        batcher = Batcher(self)
+        if (self.speculate > 0 and req.rows == 1 and not hooks and params.temperature == 0
+                and not params.logprobs and not params.uses_penalties()):
+            batcher._begin_prefill(req)
+            batcher._prefill_chunk(req, float("inf"))
+            pf = req._pf
+            req.start_hooks()
+            yield from self._speculative(list(prompts[0]), pf["logits"], pf["cache"], int(pf["lens"][0]),
+                                         req.max_new, req.take)
+            for c, d in zip(req.flat, req.detok):
+                c.text = d.text
             return
-
-        while True:
-            raw = logits
-            if hooks and params.logprobs:
-                logits = logits.clone()
-            for h in hooks:
-                logits = h.process(logits, active)
-            tok = sample_next(logits, params, gen, counts[active] if counts is not None else None)
-            lp = None
-            if params.logprobs:
-                lp = (raw.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)).tolist()
-            for h in hooks:
-                h.accept(active, tok)
-            if counts is not None:
-                counts[active, tok] += 1
-            keep, chunks, events = [], [], []
-            for k, (r, t) in enumerate(zip(active_list, tok.tolist())):
-                if not take(r, t, lp[k] if lp is not None else None, events):
-                    continue
-                chunk = [t]
-                if fast_forward:
-                    alive = True
-                    for f in ff_hooks[0].forced_tokens(r):
-                        one_row, one_tok = torch.tensor([r]), torch.tensor([f])
-                        for h in hooks:
-                            h.accept(one_row, one_tok)
-                        if counts is not None:
-                            counts[r, f] += 1
-                        alive = take(r, f, None, events)
-                        if not alive:
-                            break
-                        chunk.append(f)
-                    if not alive:
-                        continue
-                keep.append(k)
-                chunks.append(chunk)
-            yield from events
-            if not keep:
-                break
-            if len(keep) < len(active_list):
-                sel = torch.tensor(keep, device=self.device)
-                cache.select(sel)
-                active, next_pos = active[sel], next_pos[sel]
-                active_list = [active_list[k] for k in keep]
-            for h in prefetch_hooks:      # e.g. a grammar's next masks, computed while the model runs
-                h.prefetch(active)
-            width = max(len(ch) for ch in chunks)
-            if cache.pos + width > cache.max_len:   # earlier fast-forward steps used columns beyond the plan
-                cache.grow(max(cache.pos + width - cache.max_len, 32))
-            if width == 1:
-                ids = torch.tensor(chunks, device=self.device)
-                logits = self._forward(ids, cache, next_pos[:, None], decode=True)
-                next_pos = next_pos + 1
-                continue
-            # rows fed different numbers of tokens: right-align each row's chunk (so the last column is every
-            # row's newest token) and mark the left padding invalid, as in a padded prefill
-            ids = torch.zeros(len(chunks), width, dtype=torch.long)
-            new_valid = torch.zeros(len(chunks), width, dtype=torch.bool)
-            for i, ch in enumerate(chunks):
-                ids[i, width - len(ch):] = torch.tensor(ch)
-                new_valid[i, width - len(ch):] = True
-            lens = new_valid.sum(dim=1).to(self.device)
-            positions = (next_pos[:, None] + torch.arange(width, device=self.device)[None, :]
-                         - (width - lens)[:, None]).clamp(min=0)
-            logits = self._forward(ids.to(self.device), cache, positions, new_valid=new_valid.to(self.device))
-            next_pos = next_pos + lens
-        for r, c in enumerate(flat):
-            c.text = detok[r].text
+        batcher.add(req)
+        while batcher.busy:
+            for _, ev in batcher.step():
+                yield ev
 
     def _speculative(self, history: list[int], logits, cache, pos: int, max_new: int, take) -> Iterator[Event]:
         """Greedy decoding of one sequence with prompt-lookup drafts. The output is plain greedy decoding's
@@ -445,80 +249,37 @@ class Session:
     def generate(self, params: SamplingParams, on_delta: Callable[[str], None] | None = None,
                  hooks: Sequence[LogitsHook] = ()) -> Completion:
         """Sample a reply after the current tokens; its tokens (and the stop token) join the sequence.
-        Hooks see the whole sequence so far as their prompt."""
+        Hooks see the whole sequence so far as their prompt. The reply runs through the engine's one decode
+        loop (infer/batch.py) as a request that starts from this session's cache."""
         params.validate()
         if params.n != 1:
             raise ConfigError("a session generates one sample at a time (n=1)")
         if self._logits is None:
             raise PromptError("append a prompt before generating")
-        stop_ids = set(params.stop_token_ids if params.stop_token_ids is not None else self.engine.default_stop_ids())
-        gen = torch.Generator(device=self.engine.device).manual_seed(params.seed) if params.seed is not None else None
-        counts = torch.zeros(1, self._logits.size(-1), device=self.engine.device) if params.uses_penalties() else None
-        rows = torch.zeros(1, dtype=torch.long, device=self.engine.device)
-        for h in hooks:
-            if hasattr(h, "begin"):
-                h.begin([list(self.tokens)], 1)
-            h.start(1)
-        c = Completion(0, 0, logprobs=[] if params.logprobs else None)
-        d = _Detok(params.stop)
         budget = min(params.max_tokens, self.free - 1)
-        # grammar-forced tokens are taken without masks or sampling and fed with the sampled one in one chunk,
-        # as in Engine.events (not with logprobs: forced tokens get no logits)
-        ff_hooks = [h for h in hooks if hasattr(h, "forced_tokens")]
-        fast_forward = self.engine.fast_forward and bool(hooks) and len(ff_hooks) == len(hooks) and not params.logprobs
-
-        def take(tok: int) -> bool:
-            """Add a generated token to the reply; False when the reply is finished by it."""
-            if tok in stop_ids:
-                c.finish_reason = "stop"
-                return False
-            c.tokens.append(tok)
-            if counts is not None:
-                counts[0, tok] += 1
-            delta, hit = d.push(self.engine.token_bytes(tok))
-            if on_delta and delta:
-                on_delta(delta)
-            if hit or any(h.finished(0) for h in hooks):
-                c.finish_reason = "stop"
-                return False
-            return len(c.tokens) < budget
-
-        while len(c.tokens) < budget:
-            raw = self._logits
-            logits = raw.clone() if hooks and params.logprobs else raw
-            for h in hooks:
-                logits = h.process(logits, rows)
-            tok_t = sample_next(logits, params, gen, counts)
-            for h in hooks:
-                h.accept(rows, tok_t)
-            tok = int(tok_t[0])
-            if params.logprobs:
-                c.logprobs.append(float(raw[0, tok] - torch.logsumexp(raw[0], dim=-1)))
-            chunk, alive = [tok], take(tok)
-            if alive and fast_forward:
-                for f in ff_hooks[0].forced_tokens(0):
-                    if len(c.tokens) >= budget:
-                        break
-                    f_t = torch.tensor([f], device=self.engine.device)
-                    for h in hooks:
-                        h.accept(rows, f_t)
-                    chunk.append(f)
-                    alive = take(f)
-                    if not alive:
-                        break
-            if alive:
-                for h in hooks:
-                    if hasattr(h, "prefetch"):
-                        h.prefetch(rows)
-            self.append(chunk)   # the stop token too: the next turn follows it
-            if not alive:
-                break
-        c.finish_reason = c.finish_reason or "length"
-        rest = d.finish()
-        if on_delta and rest:
-            on_delta(rest)
-        c.text = d.text
-        return c
+        if budget < 1:
+            c = Completion(0, 0, logprobs=[] if params.logprobs else None, finish_reason="length")
+            return c
+        req = Request(self.engine, [self.tokens], params, hooks, max_new=budget, keep_kv=True)
+        batcher = Batcher(self.engine)
+        batcher.add_started(req, self.cache, self._logits, len(self.tokens))
+        while batcher.busy:
+            for _, ev in batcher.step():
+                if on_delta and ev.delta:
+                    on_delta(ev.delta)
+        # the cache now holds the fed tokens (written in place); the last step's tokens, the stop token
+        # among them, are appended so that the next turn follows them
+        k, v = req.kv[0]
+        fed = req.fed[0]
+        start = len(self.tokens)
+        self.cache.k[:, 0, :, start:start + fed] = k[:, :, start:start + fed]
+        self.cache.v[:, 0, :, start:start + fed] = v[:, :, start:start + fed]
+        self.cache.pos = start + fed
+        self.cache.valid[:, :start + fed] = True
+        self.cache.valid[:, start + fed:] = False
+        self.tokens.extend(req.taken[0][:fed])
+        self.append(req.taken[0][fed:])
+        return req.flat[0]
 
     def truncate(self, n: int) -> None:
         """Keep only the first n tokens (n >= 1); the next append recomputes the logits from there."""

@@ -32,6 +32,7 @@ import threading
 from dataclasses import astuple, dataclass, field
 
 from ..errors import GptstackError
+from ..infer.batch import Batcher, PrefixCache, Request
 from ..infer.sampling import SamplingParams
 from .hooks import CancelHook, LogitBiasHook, LogprobHook, TokenLogprob
 
@@ -301,4 +302,188 @@ class Scheduler:
                     h._push(Result(choices, sum(len(p) for p in h.request.prompts),
                                    sum(len(c.tokens) for c in choices)))
         for h in batch:
+            h._finish()
+
+
+class ContinuousScheduler:
+    """The same interface as Scheduler, over the engine's continuous batch (infer/batch.py): a submitted
+    request joins the running batch between two decode steps (up to `max_batch` requests at once; the rest
+    wait in arrival order), its prompt is prefilled `prefill_chunk` tokens per step so running streams keep
+    going, and it leaves the batch when its last row finishes or at the next step after `cancel()`. Every
+    request keeps its own params, seed, stops, grammar, logit bias and logprobs. A prefix cache keeps the KV
+    of finished requests, so a chat resending its history prefills only the new turn.
+
+    Not yet the server's default: tests/test_serve.py pins the old scheduler's "waiting requests batch
+    together" behaviour (requests wait while a batch runs), which continuous batching does away with."""
+
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = 64,
+                 prefix_cache_tokens: int | None = None):
+        self.engine = engine
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.prefix_cache = PrefixCache(prefix_cache_tokens if prefix_cache_tokens is not None
+                                        else 16 * engine.max_context)
+        self._waiting: collections.deque[Handle] = collections.deque()   # submitted, not yet in the batch
+        self._running: list[Handle] = []                                 # in the batch (prefill or decode)
+        self._cv = threading.Condition()
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.batcher = self._new_batcher()
+        self.batches = 0            # busy periods (the batch went from empty to running), requests served,
+        self.batched_requests = 0   # and decode steps (for /health and tests)
+
+    def _new_batcher(self) -> Batcher:
+        return Batcher(self.engine, max_requests=self.max_batch, chunk=self.prefill_chunk,
+                       prefix_cache=self.prefix_cache)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="gptstack-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._closed = True
+            waiting, self._waiting = list(self._waiting), collections.deque()
+            for h in self._running:
+                h.cancelled = True
+            self._cv.notify_all()
+        for h in waiting:
+            h._finish(Cancelled("the server is shutting down"))
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict:
+        with self._cv:
+            queued = [h for h in self._running if h.request_state is None or not h.request_state[0].started]
+            return {"waiting": len(self._waiting) + len(queued), "running": len(self._running) - len(queued),
+                    "batches": self.batches, "batched_requests": self.batched_requests,
+                    "steps": self.batcher.steps, "prefilled_tokens": self.batcher.prefilled_tokens,
+                    "prefix_cache_tokens": self.prefix_cache.tokens,
+                    "prefix_reused_tokens": self.prefix_cache.reused_tokens}
+
+    def submit(self, request: GenRequest) -> Handle:
+        """Queue a request; call it from the event loop that will iterate the handle."""
+        handle = Handle(self, request, asyncio.get_running_loop())
+        handle.request_state = None
+        with self._cv:
+            if self._closed:
+                raise Cancelled("the server is shutting down")
+            if len(self._waiting) + len(self._running) >= self.max_queue:
+                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting or running; "
+                                "retry shortly")
+            self._waiting.append(handle)
+            self._cv.notify()
+        return handle
+
+    def _cancel(self, handle: Handle) -> None:
+        with self._cv:
+            try:
+                self._waiting.remove(handle)
+            except ValueError:
+                return     # running: the worker drops its rows at the next step and ends the handle
+        handle._finish()
+
+    # ---- worker thread -----------------------------------------------------------------------------------
+    def _work(self) -> None:
+        self._warm_up()
+        while True:
+            with self._cv:
+                while not self._waiting and not self._running and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    running, self._running = self._running, []
+                    for h in running:
+                        h._finish(Cancelled("the server is shutting down"))
+                    return
+                new = list(self._waiting)
+                self._waiting.clear()
+                if new and not self._running:
+                    self.batches += 1
+                self._running.extend(new)
+                self.batched_requests += len(new)
+            for h in new:
+                self._admit(h)
+            try:
+                self._step()
+            except Exception as e:   # a bug: the running requests fail, the server keeps serving
+                log.exception("generation failed")
+                err = e if isinstance(e, GptstackError) else RuntimeError(
+                    f"internal error during generation: {type(e).__name__}: {e}")
+                with self._cv:
+                    running, self._running = self._running, []
+                for h in running:
+                    h._finish(err)
+                self.batcher = self._new_batcher()
+
+    def _warm_up(self) -> None:
+        """Build llguidance's view of the vocabulary now (about a second), not in the first JSON request."""
+        try:
+            from ..infer.constrained import ll_tokenizer
+
+            ll_tokenizer(self.engine.tokenizer)
+        except Exception:   # constrained requests will report it themselves
+            log.debug("llguidance warm-up failed", exc_info=True)
+
+    def _admit(self, h: Handle) -> None:
+        """The handle's request joins the batch (its rows start at a coming step), or fails at once."""
+        engine, tok = self.engine, self.engine.tokenizer
+        r = h.request
+        params = r.params
+        hooks: list = []
+        lp_hook = None
+        try:
+            if r.top_logprobs is not None:
+                lp_hook = LogprobHook(r.top_logprobs, tok.vocab_size)
+                hooks.append(lp_hook)    # first: it must see the model's own logits
+            if r.logit_bias:
+                hooks.append(LogitBiasHook(r.logit_bias))
+            if r.grammar is not None:
+                from ..infer.constrained import GrammarHook, grammar_params
+
+                hooks.append(GrammarHook(tok, r.grammar, engine.config.vocab_size))
+                params = grammar_params(params, tok)
+            req = Request(engine, r.prompts, params, hooks, tag=h)
+        except Exception as e:
+            with self._cv:
+                self._running.remove(h)
+            if not isinstance(e, GptstackError):
+                log.exception("request set-up failed")
+                e = RuntimeError(f"internal error during generation: {type(e).__name__}: {e}")
+            h._finish(e)
+            return
+        h.request_state = (req, lp_hook, [0] * req.rows)
+        self.batcher.add(req)
+
+    def _step(self) -> None:
+        for h in list(self._running):     # cancelled (client gone, or shutting down): leave at this step
+            if h.cancelled and h.request_state is not None:
+                self.batcher.cancel(h.request_state[0])
+        for req, ev in self.batcher.step():
+            h = req.tag
+            if h.cancelled:
+                continue
+            _, lp_hook, sent = h.request_state
+            lps: list[TokenLogprob] = []
+            if lp_hook is not None:
+                upto = len(req.flat[ev.row].tokens)   # the stop token that ended a row is not output
+                lps = lp_hook.rows[ev.row][sent[ev.row]:upto]
+                sent[ev.row] = upto
+            h._push(Delta(ev.row, ev.delta, lps, ev.finish_reason or None))
+        for h in list(self._running):
+            if h.request_state is None:
+                continue
+            req, lp_hook, _ = h.request_state
+            if not req.done:
+                continue
+            with self._cv:
+                self._running.remove(h)
+            if not h.cancelled:
+                choices = []
+                for local, c in enumerate(req.flat):
+                    lps = lp_hook.rows[local][:len(c.tokens)] if lp_hook is not None else None
+                    choices.append(Choice(local, c.text, list(c.tokens), c.finish_reason, lps))
+                h._push(Result(choices, sum(len(p) for p in h.request.prompts),
+                               sum(len(c.tokens) for c in choices)))
             h._finish()
