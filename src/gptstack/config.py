@@ -134,6 +134,10 @@ class TrainConfig:
     dtype: str = opt("auto", "auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32",
                      ("auto", "fp32", "bf16", "fp16", "float32", "bfloat16", "float16"))
     compile: bool = opt(False, "torch.compile the model")
+    parallel: str = opt("ddp", "under torchrun: ddp (every rank holds the whole model) or fsdp (FSDP2: parameters, "
+                               "gradients and optimizer state sharded across ranks)", ("ddp", "fsdp"))
+    activation_checkpointing: bool = opt(False, "recompute each Transformer block in the backward pass instead of "
+                                                "keeping its activations (less memory, ~1/3 more compute)")
     resume: bool = opt(False, "continue from the run's last committed checkpoint")
     progress: bool = opt(True, "show a progress bar")
     wandb: str = opt("", "a wandb project name: log there too (when wandb is installed)")

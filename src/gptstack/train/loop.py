@@ -1,9 +1,14 @@
 """THE training loop. Pretraining, SFT, reward modeling, DPO, distillation and the RL update all run here.
 
 A stage hands over a `Stage`: the module to train, a resumable batch iterator, a loss function and a few
-hooks. The loop owns everything else: devices and precision, DDP under torchrun, gradient accumulation,
-clipping, the LR schedule, logging (progress bar, metrics.jsonl, optional wandb/tensorboard), periodic
-evaluation and samples, atomic checkpoints, and exact resume.
+hooks. The loop owns everything else: devices and precision, DDP or FSDP2 under torchrun (`--parallel`;
+parallel.py holds the sharding and the sharded checkpoints), activation checkpointing, gradient
+accumulation, clipping, the LR schedule, logging (progress bar, metrics.jsonl, optional wandb/tensorboard),
+periodic evaluation and samples, atomic checkpoints, and exact resume.
+
+Ranks: data is sharded by global rank (each stage's iterator takes its rank's rows), rank 0 is the one writer
+of a run (config, metrics, the commit), every rank writes only its own DCP shards into rank 0's staging
+directory, and barriers stand wherever a rank reads what another has written. LOCAL_RANK only picks the GPU.
 
     stage = Stage(name="sft", model=model, batches=batches, loss_fn=loss, save=save, ...)
     result = train(stage, cfg)
@@ -17,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +34,11 @@ import torch
 from ..config import TrainConfig, config_to_dict
 from ..devices import autocast, busy_cores, fit_threads_to_free_cores, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
-from ..io import atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, new_checkpoint_id, recover_run
+from ..io import (atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, new_checkpoint_id,
+                  read_json, recover_run)
 from ..model.gpt import unwrap
 from ..runs import load_policy_state, save_policy
+from . import parallel
 from .optim import build_optimizers, lr_multiplier, set_lr
 
 LossFn = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
@@ -157,24 +165,60 @@ class MetricsLog:
                     self.tb.add_scalar(k, v, record["step"])
 
 
-def save_checkpoint(stage: Stage, model, optimizers, out: Path, state: dict, is_main: bool) -> None:
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def save_checkpoint(stage: Stage, model, optimizers, out: Path, state: dict, is_main: bool,
+                    fsdp: bool = False) -> None:
     """One checkpoint: the stage's weights (stage.save), tokenizer/, config.json, optimizer.pt, rng.pt and
-    trainer_state.json, staged and committed as a whole (checkpoint.commit_checkpoint), so a kill at any
-    moment leaves the previous checkpoint or this one."""
-    if not is_main:
+    trainer_state.json, staged and committed as a whole (io.commit_checkpoint), so a kill at any moment
+    leaves the previous checkpoint or this one. Every rank calls it.
+
+    Under FSDP (`fsdp`) optimizer.pt is replaced by dcp/: rank 0 opens the commit and names its staging
+    directory, every rank writes its shards of the model and optimizer state into it, and after a barrier
+    rank 0 writes the rest (the consolidated weights through stage.save) and commits. trainer_state.json
+    says which of the two the checkpoint holds (`checkpoint_format`)."""
+    world = _world()
+    if world > 1:   # per-rank iterators (SFT's) have per-rank positions: keep each one's
+        data = [None] * world
+        torch.distributed.all_gather_object(data, state.get("data"))
+        if any(d != data[0] for d in data):
+            state = dict(state, data_by_rank=data)
+    cid = new_checkpoint_id() if is_main else None
+    full = None
+    if fsdp:
+        cid = parallel.broadcast_object(cid)
+        full = parallel.full_model_state(model)   # collective; the tensors land on rank 0's CPU
+    elif not is_main:
         return
-    cid = new_checkpoint_id()
-    with commit_checkpoint(out) as tmp:
-        stage.save(model, tmp, cid)
-        stage.tokenizer.save(tmp / "tokenizer")
-        atomic_write_json(tmp / "config.json", stage.run_config)
-        atomic_write_bytes(tmp / "optimizer.pt",
-                           _torch_bytes({"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}))
-        state = dict(state, checkpoint_id=cid)
-        atomic_write_bytes(tmp / "rng.pt", _torch_bytes(_rng_state()))   # RNG states are tensors: beside the JSON
-        if stage.extra_state:
-            state["stage_state"] = stage.extra_state()
-        atomic_write_json(tmp / "trainer_state.json", state)
+    with commit_checkpoint(out) if is_main else contextlib.nullcontext() as tmp:
+        if fsdp:
+            tmp = Path(parallel.broadcast_object(str(tmp) if is_main else None))
+            parallel.save_dcp(model, optimizers, tmp / parallel.DCP_DIR, cid)
+            torch.distributed.barrier()   # every rank's shards are in the staging directory before the commit
+        if is_main:
+            if fsdp:
+                with parallel.state_dict_view(model, full):
+                    stage.save(model, tmp, cid)
+            else:
+                stage.save(model, tmp, cid)
+                atomic_write_bytes(tmp / "optimizer.pt", _torch_bytes(
+                    {"checkpoint_id": cid, "optimizers": [o.state_dict() for o in optimizers]}))
+            stage.tokenizer.save(tmp / "tokenizer")
+            atomic_write_json(tmp / "config.json", stage.run_config)
+            state = dict(state, checkpoint_id=cid, checkpoint_format="dcp" if fsdp else "torch", world=world)
+            atomic_write_bytes(tmp / "rng.pt", _torch_bytes(_rng_state()))   # RNG states are tensors: beside the JSON
+            if stage.extra_state:
+                state["stage_state"] = stage.extra_state()
+            atomic_write_json(tmp / "trainer_state.json", state)
+    if is_main:   # the other format's files of an earlier save no longer belong to the committed checkpoint
+        stale = out / ("optimizer.pt" if fsdp else parallel.DCP_DIR)
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        elif stale.exists():
+            stale.unlink()
 
 
 def _torch_bytes(obj) -> bytes:
@@ -184,23 +228,54 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
-def _load_resume(stage: Stage, model, optimizers, out: Path) -> dict:
+def _read_resume_state(stage: Stage, out: Path) -> dict:
     recover_run(out)   # a save killed half-way is finished first
     try:
         state = json.loads((out / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot resume: '{out}/trainer_state.json' is missing or corrupt ({type(e).__name__})") from None
-    stage.load(model, out)
-    try:
-        opt = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot resume: '{out}/optimizer.pt' is corrupt ({type(e).__name__})") from None
-    if opt.get("checkpoint_id") != state.get("checkpoint_id"):
-        raise CheckpointError(f"cannot resume: '{out}' holds optimizer and trainer state from different saves")
-    for o, s in zip(optimizers, opt["optimizers"]):
-        o.load_state_dict(s)
-    if hasattr(stage.batches, "load_state_dict") and state.get("data") is not None:
-        stage.batches.load_state_dict(state["data"])
+    if state.get("checkpoint_format") == "dcp":
+        # DCP would load a different model's shards as far as their names match: compare the model first
+        saved = read_json(out / "config.json").get("model")
+        now = stage.run_config.get("model")
+        if saved is not None and now is not None and saved != now:
+            diff = ", ".join(f"{k} {saved.get(k)} -> {now.get(k)}" for k in sorted(set(saved) | set(now))
+                             if saved.get(k) != now.get(k))
+            raise ConfigError(f"cannot resume '{out}': its checkpoint holds a different model ({diff}); resume with "
+                              "the settings it was trained with, or choose another --out")
+    return state
+
+
+def _load_resume(stage: Stage, model, optimizers, out: Path, state: dict, weights_loaded: bool = False) -> dict:
+    """Weights, optimizer, data position, RNG and stage state from the committed checkpoint in `out`. A DCP
+    checkpoint (saved under FSDP) loads into a sharded or a plain model at any world size; optimizer.pt into
+    a plain one, or into a sharded one whose weights were loaded before sharding (`weights_loaded`)."""
+    if state.get("checkpoint_format") == "dcp":
+        parallel.load_dcp(model, optimizers, out / parallel.DCP_DIR, state.get("checkpoint_id"))
+    else:
+        if not weights_loaded:
+            stage.load(model, out)
+        try:
+            opt = torch.load(out / "optimizer.pt", map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"cannot resume: '{out}/optimizer.pt' is corrupt ({type(e).__name__})") from None
+        if opt.get("checkpoint_id") != state.get("checkpoint_id"):
+            raise CheckpointError(f"cannot resume: '{out}' holds optimizer and trainer state from different saves")
+        saved = opt["optimizers"]
+        if parallel.is_fsdp(model):
+            saved = parallel.shard_optimizer_state(optimizers, saved)
+        for o, s in zip(optimizers, saved):
+            o.load_state_dict(s)
+    data = state.get("data")
+    by_rank, world = state.get("data_by_rank"), _world()
+    if by_rank is not None:
+        if len(by_rank) == world:
+            data = by_rank[torch.distributed.get_rank()]
+        elif is_main_process():
+            print(f"note: the data position was saved by {len(by_rank)} ranks and this run has {world}: the data "
+                  "order from here differs from an uninterrupted run", flush=True)
+    if hasattr(stage.batches, "load_state_dict") and data is not None:
+        stage.batches.load_state_dict(data)
     if (out / "rng.pt").exists():
         _set_rng_state(torch.load(out / "rng.pt", weights_only=False))
     if stage.load_extra_state and state.get("stage_state") is not None:
@@ -221,7 +296,17 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     out = Path(cfg.out)
     rank, world, _ = distributed_context()
     is_main = rank == 0
+    parallel.check_parallel(cfg, stage.name, world, stage.run_config)
+    fsdp = cfg.parallel == "fsdp"
+    micro_tokens = cfg.batch_size * cfg.seq_len * world
+    if cfg.total_batch_tokens and cfg.total_batch_tokens % micro_tokens:
+        raise ConfigError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
+                          f"batch-size x seq-len x world = {cfg.batch_size} x {cfg.seq_len} x {world} = {micro_tokens}"
+                          f"{f': {world} ranks do not divide the batch' if world > 1 else ''}")
+    accum = max(1, cfg.total_batch_tokens // micro_tokens) if cfg.total_batch_tokens else 1
     committed = has_checkpoint(out)   # after finishing (or clearing) a save a kill interrupted
+    if world > 1:
+        torch.distributed.barrier()   # no rank reads the run before every rank has seen it recovered
     if run_dir_in_use(out) and not cfg.resume:
         state_path = out / "trainer_state.json"
         finished = state_path.exists() and json.loads(state_path.read_text()).get("finished")
@@ -252,26 +337,32 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
 
     model = stage.model.to(device)
     n_embd = getattr(getattr(unwrap(model), "config", None), "n_embd", 0) or _guess_width(model)
-    optimizers = build_optimizers(model, cfg, n_embd)
+    resume_state = _read_resume_state(stage, out) if cfg.resume else None
+    if resume_state is not None and resume_state.get("finished"):
+        if is_main:
+            print(f"'{out}' already finished at step {resume_state['step']}; nothing to do")
+        return TrainResult(resume_state["step"], resume_state["tokens"], resume_state.get("elapsed", 0.0),
+                           resume_state.get("last", {}))
+    if cfg.activation_checkpointing:
+        parallel.checkpoint_blocks(model)
+    weights_loaded = False
+    if fsdp:
+        if resume_state is not None and resume_state.get("checkpoint_format") != "dcp":
+            stage.load(model, out)   # an unsharded checkpoint: whole weights into the whole model, then shard
+            weights_loaded = True
+        parallel.apply_fsdp(model, device, world, bf16=amp_dtype == torch.bfloat16)
+    optimizers = build_optimizers(model, cfg, n_embd)   # after sharding: the optimizers hold the shards
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
-    if cfg.resume:
-        state = _load_resume(stage, model, optimizers, out)
-        if state.get("finished"):
-            print(f"'{out}' already finished at step {state['step']}; nothing to do")
-            return TrainResult(state["step"], state["tokens"], state.get("elapsed", 0.0), state.get("last", {}))
+    if resume_state is not None:
+        state = _load_resume(stage, model, optimizers, out, resume_state, weights_loaded)
         start_step, tokens_seen, elapsed_before = state["step"], state["tokens"], state.get("elapsed", 0.0)
     train_model = model
     if cfg.compile:
         train_model = torch.compile(model)
-    if world > 1:
+    if world > 1 and not fsdp:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    micro_tokens = cfg.batch_size * cfg.seq_len * world
-    accum = max(1, cfg.total_batch_tokens // micro_tokens) if cfg.total_batch_tokens else 1
-    if cfg.total_batch_tokens and cfg.total_batch_tokens % micro_tokens:
-        raise ConfigError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
-                          f"batch-size x seq-len x world = {micro_tokens}")
     budget_s = cfg.minutes * 60
     if not cfg.steps and not budget_s:
         raise ConfigError("give a budget: --steps N or --minutes M")
@@ -287,7 +378,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
 
     def run_eval(step: int, tokens: int) -> None:
         model.eval()
-        with torch.no_grad(), autocast(device, amp_dtype):
+        with torch.no_grad(), autocast(device, amp_dtype), parallel.unsharded(model):
             ev = stage.evaluate(model)
         ev = {k: round(float(v), 6) for k, v in ev.items()}
         last.update(ev)
@@ -336,7 +427,11 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
             for micro in range(accum):
                 batch = next(stage.batches)
                 sync = micro == accum - 1 or world == 1
-                ctx = train_model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
+                ctx = contextlib.nullcontext()
+                if fsdp:   # FSDP2's no_sync: gradients accumulate unsharded, one reduce-scatter on the last micro-step
+                    parallel.set_gradient_sync(model, sync)
+                elif world > 1 and not sync:
+                    ctx = train_model.no_sync()
                 with ctx, autocast(device, amp_dtype):
                     loss, metrics = stage.loss_fn(train_model, batch)
                 (loss / accum).backward()
@@ -347,7 +442,9 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
                 for k, v in metrics.items():
                     metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) / accum
             if cfg.grad_clip > 0:
-                gnorm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+                trainable = [p for p in model.parameters() if p.requires_grad]
+                gnorm = (parallel.clip_grad_norm(trainable, cfg.grad_clip) if fsdp   # the norm over every shard
+                         else torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip))
                 metrics_sum["grad_norm"] = float(gnorm)
             if not math.isfinite(metrics_sum["loss"]):
                 raise ConfigError(f"loss became {metrics_sum['loss']} at step {step}: lower the learning rate")
@@ -383,12 +480,13 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
                 log.write(record)
             if stage.evaluate and (step % cfg.eval_every == 0 or done):
                 run_eval(step, tokens_seen)
-            if stage.sample and is_main and cfg.sample_every and (step % cfg.sample_every == 0 or done):
+            if stage.sample and cfg.sample_every and (step % cfg.sample_every == 0 or done) and (is_main or fsdp):
                 model.eval()
-                with torch.no_grad():
-                    bar.write(f"--- sample at step {step} ---\n{stage.sample(model)}\n---")
+                with torch.no_grad(), parallel.unsharded(model):   # under FSDP every rank gathers, rank 0 samples
+                    if is_main:
+                        bar.write(f"--- sample at step {step} ---\n{stage.sample(model)}\n---")
             if cfg.save_every and step % cfg.save_every == 0 and not done:
-                save_checkpoint(stage, model, optimizers, out, state_now(False), is_main)
+                save_checkpoint(stage, model, optimizers, out, state_now(False), is_main, fsdp)
             if stage.after_step:
                 stage.after_step(step, metrics_sum)
     except KeyboardInterrupt:
@@ -403,7 +501,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
         "steps": step, "tokens": tokens_seen, "seconds": round(seconds, 2),
         "tok_per_s": last["tok_per_s_mean"], "steps_per_minute": round(60 * step / max(seconds, 1e-9), 2),
         "budget": {"steps": cfg.steps, "minutes": cfg.minutes}}
-    save_checkpoint(stage, model, optimizers, out, state_now(not interrupted), is_main)
+    save_checkpoint(stage, model, optimizers, out, state_now(not interrupted), is_main, fsdp)
     if world > 1:
         torch.distributed.barrier()  # the other ranks wait until rank 0's checkpoint is on disk
     if interrupted:
@@ -421,8 +519,10 @@ def _guess_width(model) -> int:
 
 def _print_plan(stage: Stage, cfg: TrainConfig, accum: int, micro_tokens: int, world: int) -> None:
     step_tokens = micro_tokens * accum
-    lines = [f"[{stage.name}] out={cfg.out}  world={world}  batch={cfg.batch_size}x{cfg.seq_len}"
-             f"  accum={accum}  tokens/step={step_tokens:,}  optimizer={cfg.optimizer}  schedule={cfg.schedule}"]
+    lines = [f"[{stage.name}] out={cfg.out}  world={world}" + (f" ({cfg.parallel})" if world > 1 else "")
+             + f"  batch={cfg.batch_size}x{cfg.seq_len}  accum={accum}  tokens/step={step_tokens:,}"
+             f"  optimizer={cfg.optimizer}  schedule={cfg.schedule}"
+             + ("  activation checkpointing" if cfg.activation_checkpointing else "")]
     if stage.n_params:
         lines.append(f"  parameters: {stage.n_params:,}" + (f"   FLOPs/token: {stage.flops_per_token:,.0f}" if stage.flops_per_token else ""))
     if cfg.steps:

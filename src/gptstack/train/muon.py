@@ -13,6 +13,18 @@ What differs, and why:
   optimizer builder passes devices.matmul_dtype(device).
 - Matrices of the same shape are orthogonalised together as one batched product (a Transformer has a handful
   of shapes), which saves per-matrix dispatch on small models.
+
+Sharded matrices (FSDP2, `--parallel fsdp`: each parameter, its gradient and its momentum buffer are DTensors
+holding rows [r*ceil(n/world), ...) on rank r): gather per matrix. The momentum update is elementwise, so it
+runs on the local rows; then each matrix's Nesterov update is all-gathered, every rank orthogonalises the
+full matrix and keeps its own rows for the parameter update. Newton-Schulz is not separable by rows (each
+iteration multiplies by X X^T of the whole matrix), so this is the update the unsharded optimizer makes,
+to rounding, and the momentum state stays sharded (what FSDP saves memory on). The price is one all-gather
+of each hidden matrix per step (the volume of the forward's weight gather) and every rank repeating all of
+the Newton-Schulz work; at the model sizes here that work is small next to the forward and backward
+(bench/optimizer_step.py). Spreading the matrices round-robin over ranks (each orthogonalises 1/world of
+them and sends the result back) is also exact and divides the compute; it needs a gather and a scatter per
+matrix and an owner table, so it waits until the redundant compute shows up in a profile.
 """
 
 from __future__ import annotations
@@ -80,16 +92,47 @@ class Muon(torch.optim.Optimizer):
                     continue
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p.grad)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                by_shape.setdefault((tuple(p.shape), p.device), []).append((p, update))
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)   # a DTensor when p is one: sharded
+                grad, buf = _local(p.grad), _local(state["momentum_buffer"])
+                buf.lerp_(grad, 1 - mu)
+                update = grad.lerp(buf, mu) if group["nesterov"] else buf
+                if _is_sharded(p):
+                    update = _gather(update, p)
+                by_shape.setdefault((tuple(p.shape), update.device), []).append((p, update))
             for (shape, _), items in by_shape.items():
                 ortho = orthogonalise(torch.stack([u for _, u in items]), group["ns_steps"], self.ns_dtype,
                                       tuple(group["ns_coefficients"]), group["eps"])
                 scaled_lr = lr * self._lr_scale(torch.Size(shape), group["adjust_lr_fn"])
                 for (p, _), o in zip(items, ortho):
-                    p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(o.to(p.dtype), alpha=-scaled_lr)
+                    if _is_sharded(p):
+                        o = _my_rows(o, p)
+                    w = _local(p)
+                    w.mul_(1 - lr * group["weight_decay"])
+                    w.add_(o.to(w.dtype), alpha=-scaled_lr)
         return loss
+
+
+# ---- sharded (DTensor) parameters: FSDP2 -------------------------------------------------------------------
+
+def _is_sharded(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh") and hasattr(t, "placements")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a DTensor (sharing its storage: in-place ops update it), else the tensor."""
+    return t.to_local() if _is_sharded(t) else t
+
+
+def _gather(local: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The full matrix from every rank's rows of it (sharded like the parameter `like`): one all-gather."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                              stride=like.stride()).full_tensor()
+
+
+def _my_rows(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a full matrix that every rank holds alike (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()

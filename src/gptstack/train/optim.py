@@ -3,6 +3,8 @@
 optimizer="muon" (the default, as in modded-nanogpt and nanochat): Muon (train/muon.py: torch.optim.Muon's
 update, orthogonalised in the precision this device is fast in) for the 2-D hidden matrices of the blocks, AdamW for everything else (embeddings, head, norm gains, LoRA factors,
 scalar heads). optimizer="adamw": AdamW for all. Each group records its `initial_lr`; the schedule scales it.
+Under FSDP (`--parallel fsdp`) the optimizers are built after sharding, on the ranks' shards (DTensors, dim 0):
+AdamW is elementwise and runs on them as is; Muon gathers each matrix to orthogonalise it (muon.py).
 """
 
 from __future__ import annotations
