@@ -98,7 +98,7 @@ _END = object()
 class Handle:
     """One submitted request. Iterate it (once) from the loop that submitted it."""
 
-    def __init__(self, scheduler: "Scheduler", request: GenRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, scheduler: "_EngineQueue", request: GenRequest, loop: asyncio.AbstractEventLoop):
         self.scheduler = scheduler
         self.request = request
         self.loop = loop
@@ -146,18 +146,21 @@ class Handle:
         raise Cancelled("the request ended without a result")
 
 
-class Scheduler:
+class _EngineQueue:
+    """What both schedulers share: one worker thread that owns the engine, a bounded queue of handles
+    (submit from the event loop; a full queue is QueueFull -> 503), cancelling a waiting request, closing."""
+
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 32):
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._waiting: collections.deque[Handle] = collections.deque()
+        self._waiting: collections.deque[Handle] = collections.deque()   # submitted, not yet running
         self._running: list[Handle] = []
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.batches = 0            # engine calls made, and requests they served (for /health and tests)
-        self.batched_requests = 0
+        self.batches = 0            # engine calls (busy periods for the continuous one), and requests served
+        self.batched_requests = 0   # (for /health and tests)
 
     def start(self) -> None:
         if self._thread is None:
@@ -176,14 +179,10 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    def stats(self) -> dict:
-        with self._cv:
-            return {"waiting": len(self._waiting), "running": len(self._running), "batches": self.batches,
-                    "batched_requests": self.batched_requests}
-
     def submit(self, request: GenRequest) -> Handle:
         """Queue a request; call it from the event loop that will iterate the handle."""
         handle = Handle(self, request, asyncio.get_running_loop())
+        handle.request_state = None   # the continuous scheduler's per-request batch state
         with self._cv:
             if self._closed:
                 raise Cancelled("the server is shutting down")
@@ -199,8 +198,29 @@ class Scheduler:
             try:
                 self._waiting.remove(handle)
             except ValueError:
-                return     # running: CancelHook ends its rows
+                return     # running: the worker ends its rows at the next step and finishes the handle
         handle._finish()
+
+    def _warm_up(self) -> None:
+        """Build llguidance's view of the vocabulary now (about a second), not in the first JSON request."""
+        try:
+            from ..infer.constrained import ll_tokenizer
+
+            ll_tokenizer(self.engine.tokenizer)
+        except Exception:   # constrained requests will report it themselves
+            log.debug("llguidance warm-up failed", exc_info=True)
+
+    def _work(self) -> None:   # the worker thread's loop: each scheduler's own
+        raise NotImplementedError
+
+
+class Scheduler(_EngineQueue):
+    """One engine call at a time; the waiting requests that can share it (same batch_key) run together."""
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {"waiting": len(self._waiting), "running": len(self._running), "batches": self.batches,
+                    "batched_requests": self.batched_requests}
 
     # ---- worker thread -----------------------------------------------------------------------------------
     def _take(self) -> list[Handle]:
@@ -241,15 +261,6 @@ class Scheduler:
             finally:
                 with self._cv:
                     self._running = []
-
-    def _warm_up(self) -> None:
-        """Build llguidance's view of the vocabulary now (about a second), not in the first JSON request."""
-        try:
-            from ..infer.constrained import ll_tokenizer
-
-            ll_tokenizer(self.engine.tokenizer)
-        except Exception:   # constrained requests will report it themselves
-            log.debug("llguidance warm-up failed", exc_info=True)
 
     def _run(self, batch: list[Handle]) -> None:
         engine, tok = self.engine, self.engine.tokenizer
@@ -305,7 +316,7 @@ class Scheduler:
             h._finish()
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(_EngineQueue):
     """The same interface as Scheduler, over the engine's continuous batch (infer/batch.py): a submitted
     request joins the running batch between two decode steps (up to `max_batch` requests at once; the rest
     wait in arrival order), its prompt is prefilled `prefill_chunk` tokens per step so running streams keep
@@ -318,41 +329,15 @@ class ContinuousScheduler:
 
     def __init__(self, engine, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = 64,
                  prefix_cache_tokens: int | None = None):
-        self.engine = engine
-        self.max_batch = max_batch
-        self.max_queue = max_queue
+        super().__init__(engine, max_batch, max_queue)
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = PrefixCache(prefix_cache_tokens if prefix_cache_tokens is not None
                                         else 16 * engine.max_context)
-        self._waiting: collections.deque[Handle] = collections.deque()   # submitted, not yet in the batch
-        self._running: list[Handle] = []                                 # in the batch (prefill or decode)
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread: threading.Thread | None = None
         self.batcher = self._new_batcher()
-        self.batches = 0            # busy periods (the batch went from empty to running), requests served,
-        self.batched_requests = 0   # and decode steps (for /health and tests)
 
     def _new_batcher(self) -> Batcher:
         return Batcher(self.engine, max_requests=self.max_batch, chunk=self.prefill_chunk,
                        prefix_cache=self.prefix_cache)
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name="gptstack-engine", daemon=True)
-            self._thread.start()
-
-    def close(self, timeout: float = 5.0) -> None:
-        with self._cv:
-            self._closed = True
-            waiting, self._waiting = list(self._waiting), collections.deque()
-            for h in self._running:
-                h.cancelled = True
-            self._cv.notify_all()
-        for h in waiting:
-            h._finish(Cancelled("the server is shutting down"))
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def stats(self) -> dict:
         with self._cv:
@@ -362,28 +347,6 @@ class ContinuousScheduler:
                     "steps": self.batcher.steps, "prefilled_tokens": self.batcher.prefilled_tokens,
                     "prefix_cache_tokens": self.prefix_cache.tokens,
                     "prefix_reused_tokens": self.prefix_cache.reused_tokens}
-
-    def submit(self, request: GenRequest) -> Handle:
-        """Queue a request; call it from the event loop that will iterate the handle."""
-        handle = Handle(self, request, asyncio.get_running_loop())
-        handle.request_state = None
-        with self._cv:
-            if self._closed:
-                raise Cancelled("the server is shutting down")
-            if len(self._waiting) + len(self._running) >= self.max_queue:
-                raise QueueFull(f"the server is busy: {self.max_queue} requests are already waiting or running; "
-                                "retry shortly")
-            self._waiting.append(handle)
-            self._cv.notify()
-        return handle
-
-    def _cancel(self, handle: Handle) -> None:
-        with self._cv:
-            try:
-                self._waiting.remove(handle)
-            except ValueError:
-                return     # running: the worker drops its rows at the next step and ends the handle
-        handle._finish()
 
     # ---- worker thread -----------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -416,15 +379,6 @@ class ContinuousScheduler:
                 for h in running:
                     h._finish(err)
                 self.batcher = self._new_batcher()
-
-    def _warm_up(self) -> None:
-        """Build llguidance's view of the vocabulary now (about a second), not in the first JSON request."""
-        try:
-            from ..infer.constrained import ll_tokenizer
-
-            ll_tokenizer(self.engine.tokenizer)
-        except Exception:   # constrained requests will report it themselves
-            log.debug("llguidance warm-up failed", exc_info=True)
 
     def _admit(self, h: Handle) -> None:
         """The handle's request joins the batch (its rows start at a coming step), or fails at once."""
