@@ -19,6 +19,7 @@ Each value stays overridable by its own flag.
 from __future__ import annotations
 
 import difflib
+import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -101,6 +102,7 @@ class TrainConfig:
     # fields a stage derives itself instead of reading (not offered as flags; a preset setting one is an error)
     DERIVED: ClassVar[dict[str, str]] = {
         "eval_tokens": "only pretraining measures held-out text", "sample_every": "only pretraining samples text"}
+    FSDP: ClassVar[bool] = False   # whether the stage can train with --parallel fsdp (pretrain and SFT so far)
 
     out: str = opt("runs/base", "the run directory to write (and resume)")
     steps: int = opt(0, "optimizer steps; 0: follow from --minutes, or from the token budget")
@@ -149,6 +151,13 @@ class TrainConfig:
             raise ConfigError("--batch-size must be >= 1 and --seq-len >= 2")
         if self.steps < 0 or self.minutes < 0:
             raise ConfigError("--steps and --minutes cannot be negative")
+        if self.parallel == "fsdp" and not self.FSDP:
+            raise ConfigError(f"--parallel fsdp is not supported yet for this stage ({type(self).__name__}): train "
+                              "it with --parallel ddp (the default)")
+        if self.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+            # checked here, before any data is read or model built, not when the loop starts
+            raise ConfigError("--parallel fsdp shards the model across processes: run it under torchrun "
+                              "--nproc_per_node N (N >= 2), or drop --parallel fsdp")
 
 
 @dataclass
@@ -172,6 +181,7 @@ DEFAULT_LORA_TARGETS = LoraOptions.__dataclass_fields__["lora_targets"].default
 @dataclass
 class PretrainConfig(TrainConfig):
     DERIVED: ClassVar[dict[str, str]] = {}
+    FSDP: ClassVar[bool] = True
     corpus: str = opt("shakespeare", "the text: shakespeare (embedded), a .txt file or folder, .jsonl, .parquet, "
                                      "or a datasets name")
     text_field: str = opt("text", "the text field of .jsonl / .parquet / datasets documents")
@@ -189,6 +199,7 @@ class PretrainConfig(TrainConfig):
 
 @dataclass
 class SFTConfig(LoraOptions, TrainConfig):
+    FSDP: ClassVar[bool] = True
     data: str = opt("tasks", "tasks (the embedded suite), a conversations .jsonl/.json, or hf:NAME[:SPLIT]")
     tasks: str = opt("all", "with --data tasks: 'all' or task names, each optionally NAME:WEIGHT")
     examples_per_task: int = opt(3000, "with --data tasks: train-split examples per task (times its weight)")

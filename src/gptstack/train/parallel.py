@@ -41,9 +41,8 @@ def check_parallel(cfg, stage_name: str, world: int, run_config: dict) -> None:
     if stage_name not in FSDP_STAGES:
         raise ConfigError(f"--parallel fsdp is not supported yet for this stage ({stage_name}): train it with "
                           "--parallel ddp (the default)")
-    if world <= 1:
-        raise ConfigError("--parallel fsdp shards the model across processes: run it under torchrun "
-                          "--nproc_per_node N (N >= 2), or drop --parallel fsdp")
+    if world <= 1:   # (TrainConfig.validate refuses this from the environment before anything is built)
+        raise ConfigError("--parallel fsdp needs a process group of 2 or more ranks")
     if (run_config.get("adapter") or {}).get("qlora"):
         raise ConfigError("--parallel fsdp cannot shard a 4-bit (QLoRA) base yet: use --lora, or --parallel ddp")
     if cfg.compile:
