@@ -208,12 +208,12 @@ def test_max_rows_holds_requests_back_until_rows_leave(engine, tiny_tokenizer):
         assert r.flat[0].tokens == alone(engine, r.prompts[0], params).tokens
 
 
-def test_continuous_scheduler_streams_equal_alone_and_cancel_leaves(engine, tiny_tokenizer):
+def test_scheduler_streams_equal_alone_and_cancel_leaves(engine, tiny_tokenizer):
     import asyncio
 
-    from gptstack.serve.scheduler import ContinuousScheduler, Delta, GenRequest
+    from gptstack.serve.scheduler import Delta, GenRequest, Scheduler
 
-    sch = ContinuousScheduler(engine, max_batch=4, max_queue=16, prefill_chunk=8)
+    sch = Scheduler(engine, max_batch=4, max_queue=16, prefill_chunk=8)
     sch.start()
     params = SamplingParams(max_tokens=20, **GREEDY)
     prompts = [ids(tiny_tokenizer, t) for t in ["The king", "Sweet lady", "Thou art", "Hear me", "Good night"]]

@@ -1,6 +1,8 @@
 """The OpenAI-compatible server, driven by the real `openai` client against uvicorn on a free port: chat and
 completions, streaming equal to non-streaming, n, stop, seeds, logprobs, JSON schema, exact usage, every error
-status with the server still answering afterwards, disconnects, a full queue, batching, and the CLI."""
+status with the server still answering afterwards, disconnects, a full queue, continuous batching
+(overlapping requests share decode steps, a cancelled one leaves, nobody's text depends on the neighbours),
+and the CLI."""
 
 import json
 import os
@@ -460,75 +462,128 @@ def test_non_stream_disconnect_cancels(server, engine):
         engine.delay, engine.ban_stop = 0.0, False
 
 
-# ---- queue and batching (a server of their own) ------------------------------------------------------------
+# ---- queue and continuous batching (a server of their own) -------------------------------------------------
 
-def test_full_queue_is_503_and_waiting_requests_batch(model, tiny_tokenizer, reference):
+class NoStop:
+    """The reference engine's counterpart of `engine.ban_stop`: the default stop tokens are never chosen."""
+
+    def __init__(self, engine):
+        self.ids = engine.default_stop_ids()
+
+    def start(self, n_rows):
+        pass
+
+    def process(self, logits, rows):
+        logits = logits.clone()
+        logits[:, self.ids] = float("-inf")
+        return logits
+
+    def accept(self, rows, tokens):
+        pass
+
+    def finished(self, row):
+        return False
+
+
+def streamed_text(stream) -> str:
+    return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+
+
+def test_full_queue_is_503_and_overlapping_requests_share_steps(model, tiny_tokenizer, reference):
     engine = instrumented_engine(model, tiny_tokenizer)
     srv = RunningServer(create_app(engine, MODEL, ServeConfig(max_queue=4, max_batch=4)))
     try:
         cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-        engine.delay, engine.ban_stop = 0.01, True
-        blocker = cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, stream=True)
-        next(iter(blocker))   # running now
-        prompts = ["The king", "Sweet lady, good night", "Thou art"]
-        params = dict(model=MODEL, max_tokens=8, temperature=0)
-        with ThreadPoolExecutor(3) as pool:
-            futures = [pool.submit(cl.chat.completions.create, messages=[{"role": "user", "content": p}], **params)
-                       for p in prompts]
-            deadline = time.time() + 10
-            while srv.health()["waiting"] < 3:
-                assert time.time() < deadline
-                time.sleep(0.02)
-            with pytest.raises(openai.InternalServerError) as e:   # 1 running + 3 waiting = the limit
-                cl.chat.completions.create(messages=USER, **params)
-            assert e.value.status_code == 503 and e.value.body["code"] == "queue_full"
-            before = srv.health()
-            engine.ban_stop = False
-            blocker.close()            # frees the worker; the three waiting requests run as one batch
-            results = [f.result(timeout=60) for f in futures]
+        engine.delay, engine.ban_stop = 0.01, True      # >= 0.6 s per request: all four overlap
+        prompts = ["The king", "Sweet lady, good night", "Thou art", "Hear me, good lord"]
+        mark = len(engine.widths)
+        streams = [cl.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": p}],
+                                              max_tokens=60, temperature=0, stream=True) for p in prompts]
+        h = srv.health()
+        assert h["running"] + h["waiting"] == 4, h
+        t0 = time.time()
+        with pytest.raises(openai.InternalServerError) as e:   # 4 waiting or running = the limit: refused now
+            cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=4)
+        assert e.value.status_code == 503 and e.value.body["code"] == "queue_full" and time.time() - t0 < 5
+        texts = [streamed_text(s) for s in streams]
+        widths = engine.widths[mark:]
         after = wait_idle(srv)
-        assert after["batches"] - before["batches"] == 1 and after["batched_requests"] - before["batched_requests"] == 3
-        for p, r in zip(prompts, results):   # batched output equals each request run alone
+        # they ran together: one decode pass served all four rows (60 tokens each: 240 passes one at a time)
+        assert max(widths) == 4 and len(widths) < 120, widths
+        assert after["batched_requests"] == 4 and after["batches"] == 1
+        for p, text in zip(prompts, texts):   # each text is what the request gives alone
             ids = tiny_tokenizer.render_prompt([{"role": "user", "content": p}])
-            alone = reference.generate([ids], SamplingParams(temperature=0, max_tokens=8))[0][0]
-            assert r.choices[0].message.content == alone.text
-            assert r.usage.completion_tokens == len(alone.tokens) and r.usage.prompt_tokens == len(ids)
-        # seeded sampling does not batch (its text must not depend on its neighbours)
-        engine.delay = 0.0
-        assert cl.chat.completions.create(messages=USER, **params).choices[0].message.content is not None
+            alone = reference.generate([ids], SamplingParams(temperature=0, max_tokens=60), [NoStop(reference)])
+            assert text == alone[0][0].text and len(alone[0][0].tokens) == 60
+        engine.delay, engine.ban_stop = 0.0, False
+        r = cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=4)   # serving again
+        assert r.usage.completion_tokens >= 1
     finally:
         srv.close()
 
 
-def test_cancelling_one_request_of_a_batch_keeps_the_other(model, tiny_tokenizer):
+def test_cancelling_one_request_of_a_batch_keeps_the_other(model, tiny_tokenizer, reference):
     engine = instrumented_engine(model, tiny_tokenizer)
     srv = RunningServer(create_app(engine, MODEL, ServeConfig(max_batch=4)))
     try:
         cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
         engine.delay, engine.ban_stop = 0.01, True
-        blocker = cl.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, stream=True)
-        next(iter(blocker))
         params = dict(model=MODEL, max_tokens=60, temperature=0, stream=True)
         a = cl.chat.completions.create(messages=[{"role": "user", "content": "The king"}], **params)
         b = cl.chat.completions.create(messages=[{"role": "user", "content": "Thou art"}], **params)
-        while srv.health()["waiting"] < 2:
-            time.sleep(0.02)
-        blocker.close()
         a_iter, b_iter = iter(a), iter(b)
         b_text = ""
         for _ in range(4):
             next(a_iter)
             ch = next(b_iter)
             b_text += ch.choices[0].delta.content or "" if ch.choices else ""
+        assert srv.health()["running"] == 2
         mark = len(engine.widths)
         a.close()
-        b_text += "".join(ch.choices[0].delta.content or "" for ch in b_iter if ch.choices)
+        b_text += streamed_text(b_iter)
         wait_idle(srv)
         widths = engine.widths[mark:]
         assert widths[-1] == 1 and widths.count(2) < 20, widths   # a's row left the batch, b's went on
-        alone = cl.chat.completions.create(messages=[{"role": "user", "content": "Thou art"}], **{
-            **params, "stream": False})
-        assert b_text == alone.choices[0].message.content and alone.usage.completion_tokens == 60
+        ids = tiny_tokenizer.render_prompt([{"role": "user", "content": "Thou art"}])
+        alone = reference.generate([ids], SamplingParams(temperature=0, max_tokens=60), [NoStop(reference)])[0][0]
+        assert b_text == alone.text and len(alone.tokens) == 60
+    finally:
+        srv.close()
+
+
+def test_concurrent_requests_keep_their_own_text(model, tiny_tokenizer):
+    """Under concurrency (rows joining and leaving one batch) a greedy stream equals the non-streamed reply,
+    and a seeded sample is the same text it is alone: nothing depends on the neighbours."""
+    engine = instrumented_engine(model, tiny_tokenizer)
+    srv = RunningServer(create_app(engine, MODEL, ServeConfig(max_batch=8, max_queue=64)))
+    try:
+        cl = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        lines = ["The king", "Sweet lady, good night", "Thou art", "Hear me, good lord", "What of the crown?",
+                 "Speak", "Good night, sweet prince", "My lord"]
+        jobs = []
+        for i, line in enumerate(lines):
+            msgs = [{"role": "user", "content": line}]
+            jobs.append(dict(messages=msgs, max_tokens=24 + 4 * i, temperature=0))
+            jobs.append(dict(messages=msgs, max_tokens=24 + 4 * i, temperature=0, stream=True))
+            jobs.append(dict(messages=msgs, max_tokens=20, temperature=1.0, seed=100 + i, n=2))
+            jobs.append(dict(messages=msgs, max_tokens=20, temperature=0.8, top_p=0.9, seed=7, stream=True))
+
+        def run(job):
+            r = cl.chat.completions.create(model=MODEL, **job)
+            if job.get("stream"):
+                return [streamed_text(r)]
+            return [c.message.content for c in r.choices]
+
+        engine.delay = 0.002
+        mark = len(engine.widths)
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(run, jobs))
+        assert max(engine.widths[mark:]) >= 4, "the requests did not overlap"
+        engine.delay = 0.0
+        one_by_one = [run(job) for job in jobs]
+        assert together == one_by_one
+        for i in range(len(lines)):   # greedy: streamed == non-streamed
+            assert together[4 * i] == together[4 * i + 1]
     finally:
         srv.close()
 

@@ -17,7 +17,7 @@ class ServeConfig:
     api_key: str | None = opt(None, "require `Authorization: Bearer KEY` on /v1 (default: $GPTSTACK_API_KEY, "
                                     "else no key)")
     no_auth: bool = opt(False, "serve a non-loopback --host without a key (anyone who can reach it can use it)")
-    max_batch: int = opt(8, "most requests run together in one engine call (same sampling parameters only)")
+    max_batch: int = opt(8, "most requests in the running batch at once (each with its own parameters); the rest wait their turn")
     max_queue: int = opt(32, "most requests waiting or running; more are refused with 503 instead of waiting")
     model_name: str | None = opt(None, "the model id clients ask for (default: the run directory's name)")
     device: str = opt("auto", "where to run: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps")

@@ -1,12 +1,11 @@
-"""Logits hooks the server adds to an engine call: log-probabilities with the top alternatives, OpenAI's
-`logit_bias`, and per-row cancellation (a client that went away stops its rows at the next token).
+"""Logits hooks the server adds to a request: log-probabilities with the top alternatives, and OpenAI's
+`logit_bias`. (A cancelled request needs no hook: the batcher drops its rows at the next step.)
 
 They follow infer/engine.py's LogitsHook protocol, so the engine's loop is untouched."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
@@ -77,28 +76,3 @@ class LogitBiasHook:
 
     def finished(self, row: int) -> bool:
         return False
-
-
-class CancelHook:
-    """Ends the rows whose request was cancelled (the client disconnected): `finished(row)` turns true, and
-    the engine drops the row from its batch at its next token, so the other requests of a batch go on.
-    It leaves logits alone and forces nothing, so a grammar's fast-forward still works with it (put it last:
-    the engine asks the first hook that forces tokens)."""
-
-    def __init__(self, cancelled: Callable[[int], bool]):
-        self.cancelled = cancelled
-
-    def start(self, n_rows: int) -> None:
-        pass
-
-    def process(self, logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return logits
-
-    def accept(self, rows, tokens) -> None:
-        pass
-
-    def finished(self, row: int) -> bool:
-        return self.cancelled(row)
-
-    def forced_tokens(self, row: int) -> list[int]:
-        return []

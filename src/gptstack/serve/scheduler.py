@@ -1,26 +1,25 @@
-"""The scheduler between HTTP requests and the one engine: a bounded queue and one worker thread.
+"""The scheduler between HTTP requests and the one engine: a bounded queue, one worker thread, and the
+engine's continuous batch (infer/batch.py).
 
     scheduler = Scheduler(engine, max_batch=8, max_queue=32)
     scheduler.start()
     handle = scheduler.submit(GenRequest(prompts=[ids], params=SamplingParams(...)))   # QueueFull when full
     async for item in handle:        # Delta per piece of text (per choice), then one Result
         ...
-    handle.cancel()                  # the client went away: its rows stop at their next token
+    handle.cancel()                  # the client went away: its rows leave the batch at the next step
     scheduler.close()
 
 That interface (submit a request, get an async iterator of deltas, cancel) is the contract the HTTP layer
-relies on; everything behind it is meant to be replaced. Today one worker thread owns the engine and runs
-one `engine.events` call at a time: when it becomes free it takes the oldest waiting request, plus any other
-waiting requests whose parameters let them share a batch (identical sampling parameters, no grammar, no
-logit bias, no seed unless greedy — a seed must give the same text however the batch was made up), up to
-`max_batch` requests; anything else waits for the next call. A request that arrives while a batch runs
-waits for the whole batch. The next step replaces this class with continuous batching inside the engine:
-requests join a running batch between decode steps and leave it when they finish, with the same submit /
-iterate / cancel interface, so app.py does not change.
+relies on. Behind it one worker thread owns the engine and steps one `Batcher`: a submitted request joins the
+running batch between two decode steps (up to `max_batch` requests at once; the rest wait in arrival order),
+its prompt is prefilled `prefill_chunk` tokens per step so that running streams keep going, and it leaves the
+batch when its last row finishes, or at the next step after `cancel()`. Every request keeps its own sampling
+parameters, seed (its own generator, so its text does not depend on its neighbours), stops, grammar, logit
+bias and logprobs. A prefix cache keeps the KV of finished requests, so a chat resending its history
+prefills only the new turn.
 
 Events reach the request's asyncio loop through `loop.call_soon_threadsafe`, so the worker never blocks on a
-slow client. A cancelled request is dropped from the queue at once or, when running, ended through
-CancelHook (the engine drops its rows at the next token; the rest of its batch goes on).
+slow client. A cancelled request is dropped from the queue at once or, when running, at the next step.
 """
 
 from __future__ import annotations
@@ -34,7 +33,7 @@ from dataclasses import astuple, dataclass, field
 from ..errors import GptstackError
 from ..infer.batch import Batcher, PrefixCache, Request
 from ..infer.sampling import SamplingParams
-from .hooks import CancelHook, LogitBiasHook, LogprobHook, TokenLogprob
+from .hooks import LogitBiasHook, LogprobHook, TokenLogprob
 
 log = logging.getLogger("gptstack.serve")
 
@@ -47,14 +46,6 @@ class GenRequest:
     grammar: str | None = None              # an llguidance grammar (compile_grammar), for every choice
     top_logprobs: int | None = None         # None: no logprobs; k: each token's logprob and the k most likely
     logit_bias: dict[int, float] | None = None
-
-    def batch_key(self):
-        """Requests with equal keys can share one engine call; None: this one runs alone."""
-        p = self.params
-        if self.grammar is not None or self.logit_bias or (p.seed is not None and p.temperature > 0):
-            return None
-        values = astuple(p)
-        return tuple(tuple(v) if isinstance(v, list) else v for v in values), self.top_logprobs
 
 
 @dataclass
@@ -98,13 +89,14 @@ _END = object()
 class Handle:
     """One submitted request. Iterate it (once) from the loop that submitted it."""
 
-    def __init__(self, scheduler: "_EngineQueue", request: GenRequest, loop: asyncio.AbstractEventLoop):
+    def __init__(self, scheduler: "Scheduler", request: GenRequest, loop: asyncio.AbstractEventLoop):
         self.scheduler = scheduler
         self.request = request
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.done = False
+        self.request_state = None   # (infer.batch.Request, its LogprobHook, logprobs sent per row) once admitted
 
     # worker side
     def _push(self, item) -> None:
@@ -146,21 +138,26 @@ class Handle:
         raise Cancelled("the request ended without a result")
 
 
-class _EngineQueue:
-    """What both schedulers share: one worker thread that owns the engine, a bounded queue of handles
-    (submit from the event loop; a full queue is QueueFull -> 503), cancelling a waiting request, closing."""
+class Scheduler:
+    """One worker thread that owns the engine and steps its continuous batch; a bounded queue of handles
+    (submit from the event loop; a full queue is QueueFull -> 503); cancelling; closing."""
 
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 32):
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = 64,
+                 prefix_cache_tokens: int | None = None):
         self.engine = engine
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._waiting: collections.deque[Handle] = collections.deque()   # submitted, not yet running
-        self._running: list[Handle] = []
+        self.prefill_chunk = prefill_chunk
+        self._waiting: collections.deque[Handle] = collections.deque()   # submitted, not yet admitted
+        self._running: list[Handle] = []                                 # in the batcher (or its line)
         self._cv = threading.Condition()
         self._closed = False
         self._thread: threading.Thread | None = None
-        self.batches = 0            # engine calls (busy periods for the continuous one), and requests served
-        self.batched_requests = 0   # (for /health and tests)
+        self.batches = 0            # busy periods (the batch went from empty to non-empty), and requests
+        self.batched_requests = 0   # served (for /health and tests)
+        self.prefix_cache = PrefixCache(prefix_cache_tokens if prefix_cache_tokens is not None
+                                        else 16 * engine.max_context)
+        self.batcher = self._new_batcher()
 
     def start(self) -> None:
         if self._thread is None:
@@ -182,7 +179,6 @@ class _EngineQueue:
     def submit(self, request: GenRequest) -> Handle:
         """Queue a request; call it from the event loop that will iterate the handle."""
         handle = Handle(self, request, asyncio.get_running_loop())
-        handle.request_state = None   # the continuous scheduler's per-request batch state
         with self._cv:
             if self._closed:
                 raise Cancelled("the server is shutting down")
@@ -209,131 +205,6 @@ class _EngineQueue:
             ll_tokenizer(self.engine.tokenizer)
         except Exception:   # constrained requests will report it themselves
             log.debug("llguidance warm-up failed", exc_info=True)
-
-    def _work(self) -> None:   # the worker thread's loop: each scheduler's own
-        raise NotImplementedError
-
-
-class Scheduler(_EngineQueue):
-    """One engine call at a time; the waiting requests that can share it (same batch_key) run together."""
-
-    def stats(self) -> dict:
-        with self._cv:
-            return {"waiting": len(self._waiting), "running": len(self._running), "batches": self.batches,
-                    "batched_requests": self.batched_requests}
-
-    # ---- worker thread -----------------------------------------------------------------------------------
-    def _take(self) -> list[Handle]:
-        """The oldest waiting request and the waiting ones that can share its engine call."""
-        first = self._waiting.popleft()
-        batch = [first]
-        key = first.request.batch_key()
-        if key is not None:
-            for h in list(self._waiting):
-                if len(batch) >= self.max_batch:
-                    break
-                if h.request.batch_key() == key:
-                    self._waiting.remove(h)
-                    batch.append(h)
-        return batch
-
-    def _work(self) -> None:
-        self._warm_up()
-        while True:
-            with self._cv:
-                while not self._waiting and not self._closed:
-                    self._cv.wait()
-                if self._closed:
-                    return
-                batch = self._take()
-                self._running = batch
-                self.batches += 1
-                self.batched_requests += len(batch)
-            try:
-                self._run(batch)
-            except GptstackError as e:
-                for h in batch:
-                    h._finish(e)
-            except Exception as e:   # a bug: the request fails, the server keeps serving
-                log.exception("generation failed")
-                for h in batch:
-                    h._finish(RuntimeError(f"internal error during generation: {type(e).__name__}: {e}"))
-            finally:
-                with self._cv:
-                    self._running = []
-
-    def _run(self, batch: list[Handle]) -> None:
-        engine, tok = self.engine, self.engine.tokenizer
-        first = batch[0].request
-        params = first.params
-        n = params.n
-        prompts: list[list[int]] = []
-        owner: list[tuple[Handle, int]] = []          # generation row -> (request, its choice index)
-        for h in batch:
-            prompts.extend(h.request.prompts)
-            owner.extend((h, local) for local in range(len(h.request.prompts) * n))
-        hooks: list = []
-        lp_hook = None
-        if first.top_logprobs is not None:
-            lp_hook = LogprobHook(first.top_logprobs, tok.vocab_size)
-            hooks.append(lp_hook)    # first: it must see the model's own logits
-        if first.logit_bias:
-            hooks.append(LogitBiasHook(first.logit_bias))
-        if first.grammar is not None:
-            from ..infer.constrained import GrammarHook, grammar_params
-
-            hooks.append(GrammarHook(tok, first.grammar, engine.config.vocab_size))
-            params = grammar_params(params, tok)
-        hooks.append(CancelHook(lambda row: owner[row][0].cancelled))
-
-        out: list = []
-        sent = [0] * len(owner)                       # logprob entries already delivered, per row
-        for ev in engine.events(prompts, params, hooks, out):
-            h, local = owner[ev.row]
-            if h.cancelled:
-                if all(b.cancelled for b in batch):
-                    break
-                continue
-            lps: list[TokenLogprob] = []
-            if lp_hook is not None:
-                upto = len(out[ev.row // n][ev.row % n].tokens)   # the stop token that ended a row is not output
-                lps = lp_hook.rows[ev.row][sent[ev.row]:upto]
-                sent[ev.row] = upto
-            h._push(Delta(local, ev.delta, lps, ev.finish_reason or None))
-        else:
-            row = 0
-            for h in batch:
-                choices = []
-                for local in range(len(h.request.prompts) * n):
-                    c = out[row // n][row % n]
-                    lps = lp_hook.rows[row][:len(c.tokens)] if lp_hook is not None else None
-                    choices.append(Choice(local, c.text, list(c.tokens), c.finish_reason, lps))
-                    row += 1
-                if not h.cancelled:
-                    h._push(Result(choices, sum(len(p) for p in h.request.prompts),
-                                   sum(len(c.tokens) for c in choices)))
-        for h in batch:
-            h._finish()
-
-
-class ContinuousScheduler(_EngineQueue):
-    """The same interface as Scheduler, over the engine's continuous batch (infer/batch.py): a submitted
-    request joins the running batch between two decode steps (up to `max_batch` requests at once; the rest
-    wait in arrival order), its prompt is prefilled `prefill_chunk` tokens per step so running streams keep
-    going, and it leaves the batch when its last row finishes or at the next step after `cancel()`. Every
-    request keeps its own params, seed, stops, grammar, logit bias and logprobs. A prefix cache keeps the KV
-    of finished requests, so a chat resending its history prefills only the new turn.
-
-    Not yet the server's default: tests/test_serve.py pins the old scheduler's "waiting requests batch
-    together" behaviour (requests wait while a batch runs), which continuous batching does away with."""
-
-    def __init__(self, engine, max_batch: int = 8, max_queue: int = 32, prefill_chunk: int = 64,
-                 prefix_cache_tokens: int | None = None):
-        super().__init__(engine, max_batch, max_queue)
-        self.prefill_chunk = prefill_chunk
-        self.prefix_cache = PrefixCache(prefix_cache_tokens if prefix_cache_tokens is not None
-                                        else 16 * engine.max_context)
-        self.batcher = self._new_batcher()
 
     def _new_batcher(self) -> Batcher:
         return Batcher(self.engine, max_requests=self.max_batch, chunk=self.prefill_chunk,
