@@ -13,6 +13,7 @@ LAYERS = [
     ["errors"],
     ["io", "devices", "config"],
     ["tokenizer", "model"],
+    ["hub"],
     ["runs"],
     ["data"],
     ["infer"],

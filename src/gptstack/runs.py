@@ -19,12 +19,16 @@ from .config import LoraOptions, config_to_dict
 from .errors import CheckpointError, ConfigError
 from .io import (atomic_write_json, check_same_save, commit_checkpoint, load_weights, new_checkpoint_id, read_json, recover_run,
                  save_weights)
+from .hub.source import hf_run_config, is_hf_model_dir, resolve_model
 from .model.gpt import GPT, GPTConfig, core_gpt, load_state_strict, unwrap
 from .tokenizer import Tokenizer
 
 
 def read_config(run_dir: str | os.PathLike) -> dict:
-    run = Path(run_dir)
+    """A run's config.json; for a Hugging Face model directory (or hub id) what one would say about it."""
+    run = resolve_model(run_dir)
+    if is_hf_model_dir(run):
+        return hf_run_config(run)
     if not run.is_dir():
         raise CheckpointError(f"'{run}' is not a run directory (it does not exist)")
     recover_run(run)
@@ -43,13 +47,31 @@ def is_finished(run_dir: str | os.PathLike) -> bool:
     return state.exists() and bool(read_json(state, f"remove '{run}' to retrain it").get("finished"))
 
 
-def load_tokenizer(run_dir: str | os.PathLike) -> Tokenizer:
-    run = Path(run_dir)
-    if (run / "tokenizer").is_dir():
-        return Tokenizer.load(run / "tokenizer")
-    if (run / "meta.json").exists():  # a bare tokenizer directory
-        return Tokenizer.load(run)
-    raise CheckpointError(f"'{run}' has no tokenizer/ directory")
+def load_tokenizer(run_dir: str | os.PathLike):
+    """Our BPE tokenizer, or (an imported model, or a run trained from one) the model's own HF tokenizer."""
+    from .hub.tokenizer import HFTokenizer
+
+    run = resolve_model(run_dir)
+    if is_hf_model_dir(run):
+        return HFTokenizer.from_model_dir(run)
+    directory = run / "tokenizer" if (run / "tokenizer").is_dir() else run
+    if not (directory / "meta.json").exists():   # a run's tokenizer/, or a bare tokenizer directory
+        raise CheckpointError(f"'{run}' has no tokenizer/ directory")
+    if read_json(directory / "meta.json").get("kind") == "hf":
+        return HFTokenizer.load(directory)
+    return Tokenizer.load(directory)
+
+
+def _base_state(weights_dir: Path, own: bool) -> dict:
+    """The full weights a model run (or an HF model directory) holds, under our parameter names."""
+    if is_hf_model_dir(weights_dir):
+        from .hub.weights import read_hf_state
+
+        return read_hf_state(weights_dir)
+    state, meta = load_weights(weights_dir / "model.safetensors")
+    if own:
+        check_same_save(weights_dir, meta)
+    return state
 
 
 def load_model(run_dir: str | os.PathLike, device="cpu", with_adapter: bool = True,
@@ -60,13 +82,15 @@ def load_model(run_dir: str | os.PathLike, device="cpu", with_adapter: bool = Tr
 
     if quantize is not None and quantize not in MODES:   # before loading: a bad flag should not wait
         raise ConfigError(f"unknown --quantize {quantize!r}; choose one of {', '.join(MODES)}")
-    run = Path(run_dir)
+    run = resolve_model(run_dir)
     config = read_config(run)
     if "model" not in config:
         raise CheckpointError(f"'{run}/config.json' has no model section: not a gptstack model run")
     tokenizer = load_tokenizer(run)
     mcfg = GPTConfig.from_dict(config["model"])
-    if tokenizer.vocab_size != mcfg.vocab_size:
+    if getattr(tokenizer, "kind", None) == "hf":
+        tokenizer.pad_to(mcfg.vocab_size)   # an HF embedding may have more rows than the tokenizer has tokens
+    elif tokenizer.vocab_size != mcfg.vocab_size:
         raise CheckpointError(f"tokenizer in '{run}' has {tokenizer.vocab_size} tokens but the model expects "
                               f"{mcfg.vocab_size}: they do not belong together")
     has_adapter = (run / "adapter").is_dir() and not (run / "model.safetensors").exists()
@@ -76,10 +100,8 @@ def load_model(run_dir: str | os.PathLike, device="cpu", with_adapter: bool = Tr
         parent = config.get("parent_run")
         if not parent:
             raise CheckpointError(f"'{run}' holds only an adapter and names no parent run")
-        weights_dir = Path(parent)
-    state, meta = load_weights(weights_dir / "model.safetensors")
-    if weights_dir == run:
-        check_same_save(run, meta)
+        weights_dir = resolve_model(parent)
+    state = _base_state(weights_dir, own=weights_dir == run)
     model = GPT(mcfg)
     load_state_strict(model, state, f"'{weights_dir}'")
     model.to(device)
@@ -98,7 +120,7 @@ def load_model(run_dir: str | os.PathLike, device="cpu", with_adapter: bool = Tr
 def load_frozen(run_dir: str | os.PathLike, device="cpu", role: str = "teacher"):
     """A model that is read but never trained (a teacher, a reference, a base to mix in): eval mode, no
     gradients. Returns (model, tokenizer, config)."""
-    if not Path(run_dir).is_dir():
+    if not resolve_model(run_dir).is_dir():
         raise CheckpointError(f"{role} run '{run_dir}' does not exist")
     model, tok, config = load_model(run_dir, device)
     for p in model.parameters():
@@ -143,8 +165,8 @@ def is_peft(model) -> bool:
 
 def base_weights_run(run) -> str:
     """The run holding full weights that a LoRA-only child of `run` is applied to."""
-    run = Path(run)
-    if (run / "model.safetensors").exists():
+    run = resolve_model(run)
+    if (run / "model.safetensors").exists() or is_hf_model_dir(run):
         return str(run)
     parent = read_config(run).get("parent_run")
     if not parent:
@@ -157,7 +179,7 @@ def load_trainable_policy(run, device, lora: LoraOptions | None = None):
     frozen base. An adapter run is merged first (its LoRA update folded in)."""
     from .model.adapters import apply_lora, merge_adapter, parse_targets
 
-    if not Path(run).is_dir():
+    if not resolve_model(run).is_dir():
         raise CheckpointError(f"run directory '{run}' does not exist")
     model, tok, config = load_model(run, device)
     if is_peft(model):

@@ -42,6 +42,8 @@ def _llg():
 
 @functools.lru_cache(maxsize=8)
 def _ll_tokenizer_cached(key, tokenizer):
+    if hasattr(tokenizer, "to_llguidance"):   # an imported model's HF tokenizer: from its tokenizer.json
+        return tokenizer.to_llguidance()
     from llguidance.tiktoken import lltokenizer_from_encoding
 
     return lltokenizer_from_encoding(tokenizer.enc, n_vocab=tokenizer.vocab_size, eos_token=tokenizer.assistant_end_id)
@@ -49,7 +51,7 @@ def _ll_tokenizer_cached(key, tokenizer):
 
 def ll_tokenizer(tokenizer):
     """llguidance's view of our vocabulary (about a second to build, cached per tokenizer)."""
-    return _ll_tokenizer_cached((tokenizer.fingerprint(), id(tokenizer)), tokenizer)
+    return _ll_tokenizer_cached((tokenizer.fingerprint(), id(tokenizer), tokenizer.vocab_size), tokenizer)
 
 
 def compile_grammar(*, json_schema: dict | str | None = None, regex: str | None = None, lark: str | None = None,

@@ -78,7 +78,9 @@ class Engine:
         self.spec_stats = {"forwards": 0, "drafted": 0, "accepted": 0}
 
     def default_stop_ids(self) -> list[int]:
-        return [self.tokenizer.assistant_end_id, self.tokenizer.bos_id]
+        # an HF tokenizer knows its model's stop ids (end of turn, EOS, generation_config's eos_token_id)
+        extra = getattr(self.tokenizer, "stop_ids", None) or []
+        return list(dict.fromkeys([self.tokenizer.assistant_end_id, self.tokenizer.bos_id, *extra]))
 
     def token_bytes(self, tok: int) -> bytes:
         if self._token_bytes is None:  # one table, built once: decode is then a list lookup per token

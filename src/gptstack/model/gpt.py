@@ -34,10 +34,16 @@ class GPTConfig:
     qk_norm: bool = True
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
+    # what imported models need (Hugging Face configs; see hub/): a head width other than n_embd / n_head,
+    # biases on the q/k/v (Qwen2) and output (Llama's attention_bias) projections, and RoPE frequency scaling
+    attn_head_dim: int = 0     # 0: n_embd // n_head
+    qkv_bias: bool = False
+    o_bias: bool = False
+    rope_scaling: dict | None = None   # {"rope_type": "linear" | "llama3", "factor": ..., ...}
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.attn_head_dim or self.n_embd // self.n_head
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,8 +65,35 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight.to(x.dtype), self.eps)
 
 
-def rope_tables(head_dim: int, max_pos: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """RoPE's per-pair rotation frequencies, with the scalings imported models use: `linear` (positions
+    divided by `factor`) and Llama 3's (long wavelengths slowed by `factor`, short ones kept, a smooth ramp
+    between `low_freq_factor` and `high_freq_factor` of the original context)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", "default")
+    if kind == "default":
+        return inv_freq
+    factor = float(scaling["factor"])
+    if kind == "linear":
+        return inv_freq / factor
+    if kind != "llama3":
+        raise ConfigError(f"RoPE scaling {kind!r} is not supported (supported: {', '.join(ROPE_TYPES)})")
+    low, high = float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(head_dim: int, max_pos: int, theta: float, scaling: dict | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = rope_inv_freq(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv_freq)
     return freqs.cos(), freqs.sin()
 
@@ -140,10 +173,10 @@ class Attention(nn.Module):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         hd = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=False)
-        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=False)
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_head * hd, cfg.n_embd, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
@@ -207,10 +240,19 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        # RoPE tables cover 4x the training context so generation can run past it (quality may degrade).
-        cos, sin = rope_tables(cfg.head_dim, 4 * cfg.seq_len, cfg.rope_theta)
+        # RoPE tables cover 4x the training context so generation can run past it (quality may degrade);
+        # an imported model's long context starts smaller and the tables grow when a position needs it.
+        cos, sin = rope_tables(cfg.head_dim, min(4 * cfg.seq_len, max(cfg.seq_len, 16384)), cfg.rope_theta,
+                               cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+
+    def _ensure_rope(self, n_positions: int) -> None:
+        if n_positions > self.rope_cos.shape[0]:
+            c = self.config
+            cos, sin = rope_tables(c.head_dim, max(n_positions, 2 * self.rope_cos.shape[0]), c.rope_theta,
+                                   c.rope_scaling)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -220,6 +262,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight") or "layernorm" in name:
                 p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 p.zero_()
             elif name == "embed_tokens.weight":
@@ -253,8 +297,9 @@ class GPT(nn.Module):
             if kv_cache.pos + T > kv_cache.max_len:
                 raise ValueError(f"KV cache overflow: {kv_cache.pos} + {T} > {kv_cache.max_len}")
             attn_mask = cache_attention_mask(kv_cache, T, new_valid)
+        start = kv_cache.pos if kv_cache is not None else 0
+        self._ensure_rope(start + T)   # given position_ids (packed rows) never exceed this either
         if position_ids is None:
-            start = kv_cache.pos if kv_cache is not None else 0
             position_ids = torch.arange(start, start + T, device=idx.device).unsqueeze(0).expand(B, T)
         cos = self.rope_cos[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
         sin = self.rope_sin[position_ids].unsqueeze(1).to(self.embed_tokens.weight.dtype)
