@@ -9,6 +9,10 @@ The conversation is kept as tokens in the session's KV cache, so each turn prefi
     <|bos|> [<|system_start|> system <|system_end|>]
     (<|user_start|> message <|user_end|> <|assistant_start|> reply <|assistant_end|>)*
 
+An imported model's tokenizer (hub.HFTokenizer) has its own chat template instead of these tokens: each turn
+renders the whole conversation with it, and the session keeps the longest prefix it already holds (the prefix
+is usually everything but the new message, so the cost is the same).
+
 A reply that stopped early (a stop string, the token budget) is closed with <|assistant_end|> so the next turn
 follows a complete one. When the next message and room for a reply (`reserve`: the reply budget, at most a
 quarter of the context) do not fit, the oldest turns are dropped and the history re-prefilled, with a notice;
@@ -89,8 +93,15 @@ class ChatSession:
         if self.on_notice is not None:
             self.on_notice(text)
 
+    @property
+    def _templated(self) -> bool:
+        return "<|user_start|>" not in self.tokenizer.special_ids
+
     def _head(self, system: str | None = None) -> list[int]:
         system = self.system if system is None else system
+        if self._templated:
+            tok = self.tokenizer
+            return tok.encode(tok.render_text([{"role": "system", "content": system}] if system else []))
         S = self.tokenizer.special_ids
         ids = [self.tokenizer.bos_id]
         if system:
@@ -103,6 +114,9 @@ class ChatSession:
     def _rebuild(self, extra: list[int]) -> None:
         """Re-prefill (only on a new system prompt and when the context is full), first dropping the oldest
         turns until the history, `extra` and room for a reply fit (a longer system prompt can overflow it too)."""
+        if self._templated:   # the next turn renders the conversation anew
+            self.session.reset()
+            return
         dropped = 0
         head = self._head()
         while self._turns and (len(head) + sum(len(t.ids) for t in self._turns) + len(extra) + self.reserve
@@ -122,12 +136,14 @@ class ChatSession:
         rolled back, so the conversation is as it was before this turn."""
         if not text.strip():
             raise PromptError("the message is empty")
-        S = self.tokenizer.special_ids
         content = text
         if self.index is not None:
             from .retrieval import augment
 
             content = augment(text, self.index.search(text, self.passages))
+        if self._templated:
+            return self._templated_turn(text, content, on_delta)
+        S = self.tokenizer.special_ids
         seg = ([S["<|user_start|>"]] + self.tokenizer.encode(content)
                + [S["<|user_end|>"], S["<|assistant_start|>"]])
         max_context = self.engine.max_context
@@ -152,6 +168,36 @@ class ChatSession:
             session.truncate(start + len(reply.tokens))
             session.append([self.tokenizer.assistant_end_id])
         self._turns.append(_Turn(text, reply.text, seg + session.tokens[start:]))
+        return reply
+
+    def _templated_turn(self, text: str, content: str, on_delta) -> Completion:
+        max_context = self.engine.max_context
+        message = {"role": "user", "content": content}
+        dropped = 0
+        while True:
+            ids = self.tokenizer.render_prompt(self.messages + [message])
+            if len(ids) + self.reserve <= max_context:
+                break
+            if not self._turns:
+                raise PromptError(f"the message ({len(ids)} tokens with the template) does not fit the "
+                                  f"{max_context}-token context with room for a reply; shorten it")
+            self._turns.pop(0)
+            dropped += 1
+        if dropped:
+            self._notice(f"context full: dropped the {dropped} oldest turn(s)")
+        session = self.session
+        held = session.tokens
+        keep = 0
+        while keep < min(len(held), len(ids) - 1) and held[keep] == ids[keep]:
+            keep += 1
+        session.truncate(keep)
+        session.append(ids[keep:])
+        try:
+            reply = session.generate(self.params, on_delta=on_delta, hooks=self.hooks)
+        except BaseException:
+            session.reset()   # the next turn re-renders; nothing half-done is kept
+            raise
+        self._turns.append(_Turn(text, reply.text, []))
         return reply
 
     def reset(self) -> None:
