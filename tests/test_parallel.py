@@ -216,10 +216,15 @@ def test_bad_parallel_settings_are_one_line_errors(reference, fsdp_run, corpus_d
     err = _one_line_error(capsys)
     assert "different model" in err and "n_layer 2 -> 3" in err, err
     assert _state(run)["step"] == 3 and (run / "dcp" / ".metadata").exists()
-    # stages that do not run sharded yet say so
-    assert main(["rl", str(reference), "--out", str(tmp_path / "rl"), "--parallel", "fsdp", "--steps", "1",
-                 "--no-progress", "--threads", "1"]) == 2
-    assert "not supported yet for this stage" in _one_line_error(capsys)
+    # every stage's config takes fsdp now; under it, RL needs whole prompts per rank (checked before anything loads)
+    os.environ["WORLD_SIZE"] = "2"
+    try:
+        assert main(["rl", str(reference), "--out", str(tmp_path / "rl"), "--parallel", "fsdp", "--steps", "1",
+                     "--n-prompts", "3", "--no-progress", "--threads", "1"]) == 2
+    finally:
+        del os.environ["WORLD_SIZE"]
+    assert "--n-prompts 3 is not a multiple of the 2 ranks" in _one_line_error(capsys)
+    assert not (tmp_path / "rl").exists()
 
 
 def test_a_world_size_that_does_not_divide_the_batch_is_a_one_line_error_on_each_rank(corpus_dir, tmp_path):
@@ -257,3 +262,98 @@ def test_activation_checkpointing_recomputes_blocks_and_changes_nothing(tiny_con
     with torch.no_grad():   # inference runs the plain forward
         model(x)
     assert calls.count(True) == 3
+
+
+# ---- the stages after SFT: reward model, DPO, GRPO, PPO, on-policy distillation ------------------------------
+
+POLICY_STAGES = ("reward", "dpo_lora", "grpo", "ppo", "distill")
+
+
+def _even_tokens(examples, prompt_ids, completions) -> list[float]:
+    """A toy reward with variance among a group's samples (the task checkers give a young model 0 everywhere,
+    which would make GRPO's advantages, and its loss, zero)."""
+    return [sum(t % 2 == 0 for t in c.tokens) / max(1, len(c.tokens)) for c in completions]
+
+
+def _write_prefs(path: Path) -> None:
+    from conftest import WORDS
+
+    rows = [{"prompt": f"say {a}", "chosen": f"{a} {b} {a}", "rejected": f"{b}"}
+            for a, b in itertools.islice(itertools.permutations(WORDS[:12], 2), 64)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def policy_stage_runs(base: str, teacher: str, prefs: str, root: str, rows: int) -> None:
+    """Every stage after SFT from `base`, `rows` pairs per step per rank for the pair stages (RL and
+    distillation split each rollout's prompts among the ranks themselves); under torchrun with fsdp. The
+    same function runs in one process (the reference) and in 2 gloo ranks (`python tests/test_parallel.py`)."""
+    from gptstack.config import DistillConfig, DPOConfig, RewardConfig, RLConfig
+    from gptstack.train.distill import distill
+    from gptstack.train.dpo import train_dpo
+    from gptstack.train.reward_model import train_reward
+    from gptstack.train.rl import train_rl
+
+    torch.set_num_threads(1)
+    par = "fsdp" if int(os.environ.get("WORLD_SIZE", 1)) > 1 else "ddp"
+    common = dict(steps=3, minutes=0.0, log_every=1, progress=False, dtype="fp32", parallel=par, seed=0)
+    r = Path(root)
+    train_reward(base, RewardConfig(out=str(r / "reward"), prefs=prefs, batch_size=rows, max_len=24, lr=1e-3,
+                                    eval_every=3, **common))
+    train_dpo(base, DPOConfig(out=str(r / "dpo_lora"), prefs=prefs, batch_size=rows, max_len=24, lora=True,
+                              lora_rank=4, lr=1e-3, eval_every=3, **common))
+    rl = dict(tasks="spelling", train_examples=16, n_prompts=4, samples=2, max_new_tokens=6, minibatches=1,
+              update_epochs=2, eval_every=0, lr=1e-3, **common)
+    train_rl(base, RLConfig(out=str(r / "grpo"), algo="grpo", kl_coef=0.1, **rl), reward_fn=_even_tokens)
+    train_rl(base, RLConfig(out=str(r / "ppo"), algo="ppo", **rl), reward_fn=_even_tokens)
+    distill(base, DistillConfig(out=str(r / "distill"), teacher=teacher, mode="onpolicy", tasks="spelling",
+                                train_examples=16, n_prompts=4, samples=2, max_new_tokens=6, lr=1e-3, **common))
+
+
+@pytest.fixture(scope="module")
+def policy_runs(reference, corpus_dir, tmp_path_factory):
+    """The stages after SFT, in 2 FSDP ranks (one torchrun launch for all of them) and in one process, from a
+    base with room for the task prompts (96 tokens); the teacher shares its tokenizer, not its weights."""
+    root = tmp_path_factory.mktemp("policy")
+    base, teacher = root / "base", root / "teacher"
+    for out, seed in ((base, "0"), (teacher, "1")):
+        assert main(_pretrain(corpus_dir, out, "--batch-size", "4", "--seq-len", "96", "--steps", "4", "--seed", seed,
+                              "--eval-every", "0", "--tokenizer", str(reference))) == 0
+    prefs = root / "prefs.jsonl"
+    _write_prefs(prefs)
+    args = [str(base), str(teacher), str(prefs)]
+    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", __file__] + args + [str(root / "fsdp"), "2"],
+                       env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    policy_stage_runs(*args, str(root / "one"), 4)
+    return root
+
+
+@pytest.mark.parametrize("stage", POLICY_STAGES)
+def test_policy_stages_fsdp_two_ranks_match_one_process(policy_runs, stage):
+    """2 ranks x 2 pairs = 1 x 4 pairs (reward, DPO with LoRA: its reference is the adapters-disabled sharded
+    base), and 2 ranks x 2 of the 4 prompts of each rollout = 1 x 4 (GRPO, PPO with its value head and a sharded
+    frozen reference, on-policy distillation against a sharded teacher): losses, the all-shard gradient norm and
+    the held-out figures of every step within 1e-4, and the weights or the adapter written from rank 0 too."""
+    a, b = policy_runs / "fsdp" / stage, policy_runs / "one" / stage
+    keys = ["loss", "grad_norm"] + {"reward": ["val_accuracy", "val_loss"], "dpo_lora": ["val_loss"]}.get(stage, [])
+    for key in keys:
+        _assert_close(_losses(a, key), _losses(b, key), key)
+    assert len(_losses(a)) == 3 and min(abs(v) for v in _losses(b, "grad_norm").values()) > 0
+    assert _state(a)["checkpoint_format"] == "dcp" and _state(a)["world"] == 2
+    if stage == "dpo_lora":
+        from gptstack.model.adapters import read_adapter
+
+        x, y = read_adapter(a / "adapter")[0], read_adapter(b / "adapter")[0]
+        assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], atol=TOL) for k in x)
+    else:
+        _assert_same_weights(a, b)
+    if stage == "ppo":
+        from safetensors.torch import load_file
+
+        x, y = load_file(a / "value_head.safetensors"), load_file(b / "value_head.safetensors")
+        assert all(torch.allclose(x[k], y[k], atol=TOL) for k in x)
+
+
+if __name__ == "__main__":   # one rank of policy_runs' torchrun launch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # conftest's WORDS
+    policy_stage_runs(*sys.argv[1:5], int(sys.argv[5]))

@@ -85,6 +85,24 @@ def check_fields(cls, values: dict, where: str) -> None:
             raise ConfigError(f"{where}: '{key}' must be {type(default).__name__}, got {value!r}")
 
 
+def env_world() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE); 1 outside torchrun."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    except ValueError:
+        return 1
+
+
+def check_batch_divides(total_batch_tokens: int, batch_size: int, seq_len: int, world: int) -> None:
+    """--total-batch-tokens must be whole micro-batches of every rank: the one message for it (TrainConfig
+    .validate checks it before any process group exists, the loop again once a stage has derived seq_len)."""
+    micro = batch_size * seq_len * world
+    if total_batch_tokens and micro and total_batch_tokens % micro:
+        raise ConfigError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of batch-size x seq-len x "
+                          f"world = {batch_size} x {seq_len} x {world} = {micro}"
+                          f"{f': {world} ranks do not divide the batch' if world > 1 else ''}")
+
+
 def config_to_dict(cfg) -> dict:
     return asdict(cfg)
 
@@ -102,7 +120,7 @@ class TrainConfig:
     # fields a stage derives itself instead of reading (not offered as flags; a preset setting one is an error)
     DERIVED: ClassVar[dict[str, str]] = {
         "eval_tokens": "only pretraining measures held-out text", "sample_every": "only pretraining samples text"}
-    FSDP: ClassVar[bool] = False   # whether the stage can train with --parallel fsdp (pretrain and SFT so far)
+    FSDP: ClassVar[bool] = False   # whether the stage can train with --parallel fsdp (every stage of gptstack's)
 
     out: str = opt("runs/base", "the run directory to write (and resume)")
     steps: int = opt(0, "optimizer steps; 0: follow from --minutes, or from the token budget")
@@ -154,10 +172,19 @@ class TrainConfig:
         if self.parallel == "fsdp" and not self.FSDP:
             raise ConfigError(f"--parallel fsdp is not supported yet for this stage ({type(self).__name__}): train "
                               "it with --parallel ddp (the default)")
-        if self.parallel == "fsdp" and int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        if self.parallel == "fsdp" and env_world() < 2:
             # checked here, before any data is read or model built, not when the loop starts
             raise ConfigError("--parallel fsdp shards the model across processes: run it under torchrun "
                               "--nproc_per_node N (N >= 2), or drop --parallel fsdp")
+        # before any process group exists: under torchrun every rank exits 2 at once, nothing waits on a peer
+        check_batch_divides(self.total_batch_tokens, self.batch_size, self.seq_len, env_world())
+
+    def check_rollout_divides(self, n_prompts: int) -> None:
+        """RL and on-policy distillation give each FSDP rank whole prompts' groups of every rollout."""
+        world = env_world()
+        if self.parallel == "fsdp" and world > 1 and n_prompts % world:
+            raise ConfigError(f"--n-prompts {n_prompts} is not a multiple of the {world} ranks: under --parallel "
+                              "fsdp each rank trains on whole prompts' samples of every rollout")
 
 
 @dataclass
@@ -238,6 +265,7 @@ class SFTConfig(LoraOptions, TrainConfig):
 class PolicyConfig(LoraOptions, TrainConfig):
     """What the stages that start from a trained model share (reward model, RL, DPO, distillation): AdamW at a
     small LR on a model that already works, and the LoRA options."""
+    FSDP: ClassVar[bool] = True
     optimizer: str = again(TrainConfig, "optimizer", "adamw")
     lr: float = opt(1e-4, "learning rate")
     schedule: str = again(TrainConfig, "schedule", "cosine")
@@ -299,6 +327,7 @@ class RLConfig(PolicyConfig):
             raise ConfigError("--update-epochs must be >= 1 and --minibatches between 1 and n_prompts x samples")
         if self.kl_coef < 0 or self.clip <= 0:
             raise ConfigError("--kl-coef cannot be negative and --clip must be positive")
+        self.check_rollout_divides(self.n_prompts)
 
 
 @dataclass
@@ -375,6 +404,8 @@ class DistillConfig(PolicyConfig):
         super().validate()
         if not self.teacher:
             raise ConfigError("give the teacher run: --teacher RUN_DIR")
+        if self.mode != "offline":
+            self.check_rollout_divides(self.n_prompts)
 
 
 # ---- stages that sample or measure (no training loop) ------------------------------------------------------
@@ -422,9 +453,14 @@ class PipelineConfig:
     only: str = opt("", "comma-separated stages to run (the others must already exist where needed)")
     skip: str = opt("", "comma-separated stages to leave out")
     seed: int = opt(0, "random seed of every stage")
+    parallel: str = opt("ddp", "under torchrun: how every training stage runs, ddp (every rank holds the whole "
+                               "model) or fsdp (FSDP2: sharded across the ranks)", ("ddp", "fsdp"))
 
     def validate(self) -> None:
         check_choices(self)
+        if self.parallel == "fsdp" and env_world() < 2:
+            raise ConfigError("--parallel fsdp shards the models across processes: run the pipeline under torchrun "
+                              "--nproc_per_node N (N >= 2), or drop --parallel fsdp")
 
 
 def default_of(cls, name: str):

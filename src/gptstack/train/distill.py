@@ -24,6 +24,7 @@ from ..config import DistillConfig
 from ..devices import resolve_device
 from ..errors import ConfigError
 from ..model.heads import response_logprobs
+from . import parallel
 from .losses import masked_mean, reverse_kl_per_token
 from .loop import Stage, TrainResult, train
 from .rl import build_sequences, evaluate_policy, sample_rollout, task_examples
@@ -69,11 +70,15 @@ def sft_loss(model, batch):
 # ---- onpolicy: student samples, teacher per-token reverse KL -----------------------------------------------
 
 class StudentRollouts:
-    """Endless batches of the student's own replies (resumable: prompt cursor + rollout count)."""
+    """Endless batches of the student's own replies (resumable: prompt cursor + rollout count).
+
+    Under FSDP every rank samples the whole rollout (unsharded weights, the same seed) and keeps its share of
+    the prompts' rows, with `token_share` to make its per-token mean its share of the global one (as RL does)."""
 
     def __init__(self, cfg: DistillConfig, student, tok, examples, device):
         self.cfg, self.student, self.tok, self.examples, self.device = cfg, student, tok, examples, device
         self.rollouts, self.cursor = 0, 0
+        self.rank, self.world = parallel.sharded_rollouts(cfg)
 
     def __iter__(self):
         return self
@@ -87,13 +92,21 @@ class StudentRollouts:
         seed = cfg.seed * 1_000_003 + self.rollouts
         self.rollouts += 1
         t0 = time.time()
-        prompts, results = sample_rollout(self.student, self.tok, exs, cfg.samples, cfg.max_new_tokens,
-                                          cfg.temperature, 0, seed)
+        with parallel.unsharded(self.student):   # decode lengths differ between ranks: no collective inside
+            prompts, results = sample_rollout(self.student, self.tok, exs, cfg.samples, cfg.max_new_tokens,
+                                              cfg.temperature, 0, seed)
         flat = [c for g in results for c in g]
         flat_p = [p for p in prompts for _ in range(cfg.samples)]
         acc = float(np.mean([check_example(ex, c.text) for ex, g in zip(exs, results) for c in g]))
         ids, mask = build_sequences(flat_p, flat, self.tok.assistant_end_id, self.device)
-        return {"input_ids": ids, "resp_mask": mask, "task_accuracy": acc, "sample_seconds": time.time() - t0}
+        batch = {"input_ids": ids, "resp_mask": mask, "task_accuracy": acc, "sample_seconds": time.time() - t0}
+        if self.world > 1:
+            rows = parallel.rank_rows(len(exs), cfg.samples, self.rank, self.world)
+            ids, mask = ids[rows], mask[rows]
+            width = int(mask.nonzero()[:, 1].max()) + 1
+            (share,) = parallel.token_share([float(mask.sum())], self.device)
+            batch.update(input_ids=ids[:, :width], resp_mask=mask[:, :width], token_share=share)
+        return batch
 
     def state_dict(self) -> dict:
         return {"rollouts": self.rollouts, "cursor": self.cursor, "n": len(self.examples)}
@@ -110,7 +123,7 @@ def onpolicy_loss(model, batch: dict, teacher, temperature: float = 1.0):
     with torch.no_grad():
         t = response_logprobs(teacher, batch["input_ids"], mask, temperature)
     kl = reverse_kl_per_token(s["logits_sel"], t["logits_sel"])
-    loss = kl.mean()
+    loss = kl.mean() * batch.get("token_share", 1.0)   # under FSDP: this rank's share of the rollout's tokens
     # the teacher's log-prob of the student's tokens: what the `teacher:` RL reward measures
     teacher_lp = masked_mean(t["logp"], mask)
     return loss, {"reverse_kl": float(loss.detach()), "entropy": float(masked_mean(s["entropy"].detach(), mask)),
@@ -126,20 +139,25 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
     cfg.validate()
     device = resolve_device(cfg.device)
     teacher, t_tok, _ = load_frozen(cfg.teacher, device, role="teacher")
+    torch.manual_seed(cfg.seed)   # LoRA's initial factors: the same on every rank (FSDP shards what each holds)
     student, tok, _ = load_trainable_policy(student_run, device, lora=cfg)
     train_ex = task_examples(cfg.tasks, "train", cfg.train_examples, cfg.seed)
     eval_ex = task_examples(cfg.tasks, "test", cfg.eval_examples, cfg.seed, per_task=True)
     extra = {"teacher_run": str(cfg.teacher), "mode": cfg.mode}
+    rank, world = parallel.env_rank()
+    frozen = []
     if cfg.mode == "offline":
+        # every rank samples the same replies (the whole teacher, before training; it is released after)
         t0 = time.time()
         convs, stats = teacher_conversations(teacher, t_tok, train_ex, cfg)
         if not convs:
             raise ConfigError("the teacher produced no usable replies (try without --filter-correct)")
-        print(f"teacher: {stats['teacher_samples']} replies in {time.time() - t0:.0f}s, mean task score "
-              f"{stats['teacher_score']:.3f}; {stats['kept']} kept as SFT data")
+        if rank == 0:
+            print(f"teacher: {stats['teacher_samples']} replies in {time.time() - t0:.0f}s, mean task score "
+                  f"{stats['teacher_score']:.3f}; {stats['kept']} kept as SFT data")
         del teacher
         encoded, est = encode_conversations(tok, convs, cfg.seq_len + 1)
-        batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, device=device,
+        batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, device=device,
                               pad_id=tok.bos_id)
         loss_fn, tokens_in = sft_loss, (lambda b: int((b["targets"] >= 0).sum()))
         extra["data"] = {**stats, **est}
@@ -149,6 +167,7 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
                               "student need the same tokenizer (use --mode offline, or the teacher: RL reward)")
         batches = StudentRollouts(cfg, student, tok, train_ex, device)
         loss_fn = lambda m, b: onpolicy_loss(m, b, teacher, cfg.temperature)  # noqa: E731
+        frozen = [teacher]   # sharded by the loop under FSDP, like the student
         tokens_in = lambda b: int(b["resp_mask"].sum())  # noqa: E731
     cfg_run = replace(cfg, total_batch_tokens=0)
 
@@ -160,7 +179,7 @@ def distill(student_run, cfg: DistillConfig) -> TrainResult:
                   run_config=run_config(f"distill-{cfg.mode}", student, tok, cfg, student_run, **extra),
                   tokenizer=tok, save=save_policy, load=load_policy_state,
                   evaluate=evaluate if cfg.eval_every else None, tokens_in=tokens_in,
-                  n_params=sum(p.numel() for p in student.parameters() if p.requires_grad))
+                  n_params=sum(p.numel() for p in student.parameters() if p.requires_grad), frozen=frozen)
     return train(stage, cfg_run)
 
 

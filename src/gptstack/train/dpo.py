@@ -18,6 +18,7 @@ from ..config import DPOConfig
 from ..devices import resolve_device
 from ..model.heads import response_logprobs
 from .losses import dpo_loss
+from .parallel import env_rank
 from .loop import Stage, TrainResult, train
 from .reward_model import PairBatches, collate_pairs, split_pairs
 from .rl import frozen_reference, reference_logprobs
@@ -71,14 +72,17 @@ def prepare_dpo(run, cfg: DPOConfig):
     cfg.validate()
     pairs = load_preferences(cfg.prefs)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)   # LoRA's initial factors: the same on every rank (FSDP shards what each holds)
     policy, tok, _ = load_trainable_policy(run, device, lora=cfg)
     ref = frozen_reference(policy)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st = encode_pairs(tok, train_pairs, cfg.max_len)
     enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
-    print(f"preferences: {len(pairs)} pairs -> {st['kept']} train, {st_val['kept']} held out "
-          f"({st['truncated'] + st_val['truncated']} truncated, {st['skipped'] + st_val['skipped']} skipped)")
-    batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
+    rank, world = env_rank()
+    if rank == 0:
+        print(f"preferences: {len(pairs)} pairs -> {st['kept']} train, {st_val['kept']} held out "
+              f"({st['truncated'] + st_val['truncated']} truncated, {st['skipped'] + st_val['skipped']} skipped)")
+    batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device, rank, world)
     cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
     config = run_config("dpo", policy, tok, cfg, run,
                         data={"pairs": len(pairs), "train_pairs": st["kept"], "val_pairs": st_val["kept"]})
@@ -87,7 +91,8 @@ def prepare_dpo(run, cfg: DPOConfig):
                   save=save_policy, load=load_policy_state,
                   evaluate=(lambda m: evaluate_dpo(m, enc_val, cfg, ref, policy)) if enc_val else None,
                   tokens_in=lambda b: int(b["input_ids"].numel()),
-                  n_params=sum(p.numel() for p in policy.parameters() if p.requires_grad))
+                  n_params=sum(p.numel() for p in policy.parameters() if p.requires_grad),
+                  frozen=[ref] if ref is not None else [])
     return stage, cfg, policy, ref
 
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
-from ..config import TrainConfig, config_to_dict
+from ..config import TrainConfig, check_batch_divides, config_to_dict
 from ..devices import autocast, busy_cores, fit_threads_to_free_cores, machine_info, matmul_dtype, resolve_device, resolve_dtype
 from ..errors import CheckpointError, ConfigError
 from ..io import (atomic_write_bytes, atomic_write_json, commit_checkpoint, has_checkpoint, new_checkpoint_id,
@@ -67,6 +67,7 @@ class Stage:
     after_step: Callable[[int, dict], None] | None = None         # e.g. adaptive KL control in RL
     extra_state: Callable[[], dict] | None = None                 # stage state to checkpoint (RL KL coef...)
     load_extra_state: Callable[[dict], None] | None = None
+    frozen: list = field(default_factory=list)  # models read but never trained (reference, teacher): sharded too under FSDP
 
 
 @dataclass
@@ -299,10 +300,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
     parallel.check_parallel(cfg, stage.name, world, stage.run_config)
     fsdp = cfg.parallel == "fsdp"
     micro_tokens = cfg.batch_size * cfg.seq_len * world
-    if cfg.total_batch_tokens and cfg.total_batch_tokens % micro_tokens:
-        raise ConfigError(f"--total-batch-tokens {cfg.total_batch_tokens} is not a multiple of "
-                          f"batch-size x seq-len x world = {cfg.batch_size} x {cfg.seq_len} x {world} = {micro_tokens}"
-                          f"{f': {world} ranks do not divide the batch' if world > 1 else ''}")
+    check_batch_divides(cfg.total_batch_tokens, cfg.batch_size, cfg.seq_len, world)   # (validate's, once more)
     accum = max(1, cfg.total_batch_tokens // micro_tokens) if cfg.total_batch_tokens else 1
     committed = has_checkpoint(out)   # after finishing (or clearing) a save a kill interrupted
     if world > 1:
@@ -351,6 +349,8 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
             stage.load(model, out)   # an unsharded checkpoint: whole weights into the whole model, then shard
             weights_loaded = True
         parallel.apply_fsdp(model, device, world, bf16=amp_dtype == torch.bfloat16)
+        for frozen in stage.frozen:   # the same sharding, no optimizer: each rank keeps 1/world of them too
+            parallel.apply_fsdp(frozen.to(device), device, world, bf16=amp_dtype == torch.bfloat16)
     optimizers = build_optimizers(model, cfg, n_embd)   # after sharding: the optimizers hold the shards
     start_step, tokens_seen, elapsed_before = 0, 0, 0.0
     if resume_state is not None:
@@ -478,7 +478,7 @@ def train(stage: Stage, cfg: TrainConfig) -> TrainResult:
                 bar.set_postfix(loss=f"{metrics_sum['loss']:.3f}", tok_s=f"{tps:,.0f}", refresh=True)
                 last.update(record)
                 log.write(record)
-            if stage.evaluate and (step % cfg.eval_every == 0 or done):
+            if stage.evaluate and ((cfg.eval_every and step % cfg.eval_every == 0) or done):   # 0: at the end only
                 run_eval(step, tokens_seen)
             if stage.sample and cfg.sample_every and (step % cfg.sample_every == 0 or done) and (is_main or fsdp):
                 model.eval()

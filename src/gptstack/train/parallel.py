@@ -18,11 +18,21 @@ from the parent run. `full_model_state` consolidates the weights on rank 0 (cpu 
 Evaluation and samples under FSDP run on `unsharded(model)`: every weight all-gathered once, then forward
 passes without collectives, so ranks may run different numbers of evaluation batches and rank 0 may sample
 alone. That costs the full weights on each rank for the duration (as DDP holds them all the time).
+
+Frozen models a stage holds (the DPO/RL reference, the distillation teacher: `Stage.frozen`) are sharded the
+same way and get no optimizer; their forwards all-gather block by block like the trained model's, so every
+rank must call them equally often (each stage calls them once per step or per rollout). RL and on-policy
+distillation sample under `unsharded(model)` (decode lengths differ between ranks), every rank the whole
+rollout with the same seed (the samples of one process), and then keep their share of the rows
+(`rank_rows`) for the log-probabilities, the values and the update; `token_share` turns a rank's per-token
+mean into its share of the global one, so the averaged gradient is the one process's gradient.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -30,7 +40,8 @@ import torch
 from ..errors import CheckpointError, ConfigError
 from ..model.gpt import core_gpt
 
-FSDP_STAGES = ("pretrain", "sft")   # the stages whose save/load and losses are known to work sharded
+# the stages whose save/load and losses are known to work sharded (Stage.name, or its prefix before "-")
+FSDP_STAGES = ("pretrain", "sft", "reward", "dpo", "grpo", "ppo", "distill")
 DCP_DIR = "dcp"
 
 
@@ -38,7 +49,7 @@ def check_parallel(cfg, stage_name: str, world: int, run_config: dict) -> None:
     """Settings FSDP cannot honour, each a one-line ConfigError before anything is built."""
     if cfg.parallel != "fsdp":
         return
-    if stage_name not in FSDP_STAGES:
+    if stage_name.split("-")[0] not in FSDP_STAGES:
         raise ConfigError(f"--parallel fsdp is not supported yet for this stage ({stage_name}): train it with "
                           "--parallel ddp (the default)")
     if world <= 1:   # (TrainConfig.validate refuses this from the environment before anything is built)
@@ -69,11 +80,55 @@ def checkpoint_blocks(model: torch.nn.Module) -> None:
         block._gptstack_checkpointed = True
 
 
+def env_rank() -> tuple[int, int]:
+    """(global rank, world size) from torchrun's environment: what a stage's data split needs before the loop
+    has created the process group."""
+    return int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
+
+
+def sharded_rollouts(cfg) -> tuple[int, int]:
+    """(rank, world) over which RL / on-policy distillation split each rollout's rows: FSDP's ranks under
+    torchrun, else (0, 1): under DDP every rank trains on the whole rollout, as before."""
+    rank, world = env_rank()
+    return (rank, world) if getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1 else (0, 1)
+
+
+def rank_rows(n_groups: int, group: int, rank: int, world: int) -> slice:
+    """The rows of rank `rank`: whole groups (a prompt's samples stay together, GRPO compares within them),
+    n_groups / world of them (the configs refuse a world that does not divide n_groups)."""
+    per = n_groups // world
+    return slice(rank * per * group, (rank + 1) * per * group)
+
+
+def all_sum(values: list[float], device="cpu") -> list[float]:
+    """Element-wise sums over the ranks (float64); the values themselves without a process group."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def token_share(counts: list[float], device="cpu") -> list[float]:
+    """world x (this rank's tokens / all ranks' tokens) for each entry: a rank's per-token mean loss times
+    it, averaged over the ranks (the gradient reduction), is the mean over every rank's tokens; 1.0 alone."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [1.0] * len(counts)
+    totals = all_sum(counts, device)
+    world = dist.get_world_size()
+    return [world * c / t if t else 1.0 for c, t in zip(counts, totals)]
+
+
 def apply_fsdp(model: torch.nn.Module, device: torch.device, world: int, bf16: bool) -> torch.nn.Module:
-    """fully_shard each block, then the root, in place; returns the model (now an FSDPModule)."""
+    """fully_shard each block, then the root, in place; returns the model (now an FSDPModule). Used for
+    frozen models too (they simply get no optimizer)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    # a head's output (reward model: head(h).squeeze(-1)) is a view; no caller modifies one in place
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
     mesh = init_device_mesh(device.type, (world,))
     kw = {"mesh": mesh}
     if device.type == "cuda" and bf16:
@@ -81,17 +136,21 @@ def apply_fsdp(model: torch.nn.Module, device: torch.device, world: int, bf16: b
     for block in core_gpt(model).layers:
         fully_shard(block, **kw)
     fully_shard(model, **kw)
-    if hasattr(model, "hidden_states"):
-        _hidden_states_as_forward(model)
+    _hidden_states_as_forward(model)
     return model
 
 
 def _hidden_states_as_forward(model) -> None:
-    """SFT computes the head only at trained positions (sft.masked_ce: model.hidden_states, then lm_head), so
-    a call of hidden_states from outside must gather the root's weights as forward does. From inside forward
-    (GPT.forward calls it) it must not: FSDP's hooks would run twice, and the inner post-forward would leave
-    the outer one to reshard the root after every forward (and all-gather it again for the backward)."""
+    """SFT computes the head only at trained positions (sft.masked_ce: model.hidden_states, then lm_head), and
+    RL / DPO / distillation read log-probabilities the same way (heads.response_logprobs: the core GPT's
+    hidden_states, then lm_head), so a call of the GPT's hidden_states from outside the root's forward must
+    gather the root's weights as forward does; the core GPT's (and the root's) `hidden_states` is replaced by
+    one that runs between the root's FSDP hooks. From inside the root's forward (GPT.forward, a reward model's
+    or a value head's forward) it must not: FSDP's hooks would run twice, and the inner post-forward would
+    leave the outer one to reshard the root after every forward (and all-gather it again for the backward)."""
     from torch.distributed.fsdp import register_fsdp_forward_method
+
+    gpt = core_gpt(model)
 
     depth = [0]
 
@@ -103,7 +162,7 @@ def _hidden_states_as_forward(model) -> None:
 
     model.register_forward_pre_hook(enter, prepend=True)
     model.register_forward_hook(leave)
-    plain = model.hidden_states
+    plain = type(gpt).hidden_states.__get__(gpt)   # the class's method: never an earlier wrapper
     object.__setattr__(model, "_gptstack_hidden_states", plain)
     register_fsdp_forward_method(model, "_gptstack_hidden_states")   # plain, between the root's FSDP hooks
     hooked = model._gptstack_hidden_states
@@ -111,7 +170,9 @@ def _hidden_states_as_forward(model) -> None:
     def hidden_states(*args, **kwargs):
         return (plain if depth[0] else hooked)(*args, **kwargs)
 
-    object.__setattr__(model, "hidden_states", hidden_states)
+    object.__setattr__(gpt, "hidden_states", hidden_states)
+    if gpt is not model and "hidden_states" in dir(type(model)):   # a root with a method of its own name
+        object.__setattr__(model, "hidden_states", hidden_states)
 
 
 def is_fsdp(model) -> bool:

@@ -30,12 +30,17 @@ from .loop import Stage, TrainResult, train
 
 class PairBatches:
     """Endless, resumable batches of preference pairs: 2B right-padded rows (B chosen, then the B rejected),
-    `resp_mask` on each final reply (+ its end token), `lengths` for reading rewards at the last token."""
+    `resp_mask` on each final reply (+ its end token), `lengths` for reading rewards at the last token.
 
-    def __init__(self, encoded, batch_size: int, seed: int, device="cpu"):
+    Under torchrun each step draws B x world pairs from one seeded order and rank r takes the r-th B of them:
+    ranks see disjoint pairs, and 2 ranks x B pairs are the pairs of one process x 2B. The position is the
+    same on every rank (so a run resumes at any world size)."""
+
+    def __init__(self, encoded, batch_size: int, seed: int, device="cpu", rank: int = 0, world: int = 1):
         if not encoded:
             raise DataError("no preference pairs left to train on (all skipped: prompts longer than --max-len?)")
         self.encoded, self.batch_size, self.seed, self.device = encoded, batch_size, seed, device
+        self.rank, self.world = rank, world
         self.epoch, self.cursor = 0, 0
         self._order = self._perm(0)
 
@@ -47,13 +52,14 @@ class PairBatches:
 
     def __next__(self) -> dict:
         idx = []
-        while len(idx) < self.batch_size:
+        while len(idx) < self.batch_size * self.world:
             idx.append(self._order[self.cursor])
             self.cursor += 1
             if self.cursor == len(self._order):
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._perm(self.epoch)
-        return collate_pairs([self.encoded[i] for i in idx], self.device)
+        mine = idx[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        return collate_pairs([self.encoded[i] for i in mine], self.device)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "n": len(self.encoded), "seed": self.seed}
@@ -118,19 +124,24 @@ def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     from ..data.preference import encode_pairs, load_preferences
     from ..runs import load_trainable_policy
 
+    from .parallel import env_rank
+
     cfg.validate()
     pairs = load_preferences(cfg.prefs)
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)   # LoRA's initial factors: the same on every rank (FSDP shards what each holds)
     body, tok, parent_cfg = load_trainable_policy(sft_run, device, lora=cfg)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st_train = encode_pairs(tok, train_pairs, cfg.max_len)
     enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
-    print(f"preferences: {len(pairs)} pairs -> {st_train['kept']} train, {st_val['kept']} held out "
+    rank, world = env_rank()
+    if rank == 0:
+        print(f"preferences: {len(pairs)} pairs -> {st_train['kept']} train, {st_val['kept']} held out "
           f"({st_train['truncated'] + st_val['truncated']} truncated, {st_train['skipped'] + st_val['skipped']} "
-          f"skipped: prompt longer than --max-len {cfg.max_len})")
+              f"skipped: prompt longer than --max-len {cfg.max_len})")
     torch.manual_seed(cfg.seed)
     rm = RewardModel(body, ScalarHead(core_gpt(body).config.n_embd, seed=cfg.seed)).to(device)
-    batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device)
+    batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device, rank, world)
     cfg = replace(cfg, seq_len=cfg.max_len, total_batch_tokens=0)
     config = run_config("reward", body, tok, cfg, sft_run, kind="reward",
                         data={"pairs": len(pairs), "train_pairs": st_train["kept"], "val_pairs": st_val["kept"]})

@@ -31,6 +31,7 @@ from ..errors import ConfigError
 from ..model.heads import PolicyWithValue, load_head, response_logprobs, right_pad, save_head
 from ..model.gpt import core_gpt
 from ..runs import is_peft, load_policy_state, load_trainable_policy, run_config, save_policy
+from . import parallel
 from .losses import gae, group_advantages, k3_kl, masked_mean, masked_whiten, ppo_policy_loss, ppo_value_loss
 from .loop import Stage, TrainResult, train
 
@@ -120,6 +121,7 @@ class RolloutBatches:
         self.pending: list[dict] = []
         self._order = self._perm(0)
         self.last_stats: dict = {}
+        self.rank, self.world = parallel.sharded_rollouts(cfg)   # (0, 1) unless FSDP: see _rollout
 
     @property
     def policy(self):
@@ -149,13 +151,18 @@ class RolloutBatches:
 
     @torch.no_grad()
     def _rollout(self) -> list[dict]:
+        """Under FSDP every rank samples the whole rollout (unsharded weights, the same seed: the samples one
+        process draws) and scores it, so the logged statistics are the whole rollout's; then it keeps its
+        share of the prompts' groups (parallel.rank_rows) for the forwards that follow (sharded, one call each
+        on every rank) and the update."""
         cfg, K = self.cfg, self.cfg.samples
         t0 = time.time()
         examples = self._next_examples()
         seed = cfg.seed * 1_000_003 + self.rollouts
         self.rollouts += 1
-        prompts, results = sample_rollout(self.policy, self.tok, examples, K, cfg.max_new_tokens,
-                                          cfg.temperature, cfg.top_k, seed)
+        with parallel.unsharded(self.model):   # decode lengths differ between ranks: no collective inside
+            prompts, results = sample_rollout(self.policy, self.tok, examples, K, cfg.max_new_tokens,
+                                              cfg.temperature, cfg.top_k, seed)
         t_sample = time.time() - t0
         flat_ex = [ex for ex in examples for _ in range(K)]
         flat_prompts = [p for p in prompts for _ in range(K)]
@@ -168,6 +175,12 @@ class RolloutBatches:
         for ex, v in zip(flat_ex, checks):
             per_task.setdefault(ex.task, []).append(v)
         ids, mask = build_sequences(flat_prompts, flat, self.tok.assistant_end_id, self.device)
+        response_tokens = float(mask.sum(1).mean())
+        if self.world > 1:   # this rank's groups; right padding beyond its longest row is dropped
+            rows = parallel.rank_rows(len(examples), K, self.rank, self.world)
+            ids, mask, scores = ids[rows], mask[rows], scores[rows]
+            width = int(mask.nonzero()[:, 1].max()) + 1
+            ids, mask = ids[:, :width], mask[:, :width]
         T = cfg.temperature
         need_ref = cfg.kl_coef > 0 or cfg.algo == "ppo"
         with autocast(*self.amp):
@@ -176,7 +189,7 @@ class RolloutBatches:
         stats = {"reward": float(scores.mean()), "task_accuracy": task_acc,
                  **({f"task_accuracy_{t}": float(np.mean(v)) for t, v in per_task.items()}
                     if "," in cfg.tasks or cfg.tasks == "all" else {}),
-                 "response_tokens": float(mask.sum(1).mean()), "sample_seconds": t_sample,
+                 "response_tokens": response_tokens, "sample_seconds": t_sample,
                  **getattr(self.reward_fn, "last", {})}
         multi = cfg.update_epochs * cfg.minibatches > 1
         if cfg.algo == "grpo":
@@ -195,16 +208,31 @@ class RolloutBatches:
             last = (mask.sum(1).long() + mask.argmax(1) - 1)          # index of each row's last reply token
             rewards[torch.arange(ids.shape[0]), last] += scores.to(self.device)
             adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-            batch.update(adv=masked_whiten(adv, mask) * mask, returns=returns, old_values=values, old_logp=old_logp)
-            seq_kl = float(kl_tok.sum(1).mean())
+            batch.update(adv=self._whiten(adv, mask) * mask, returns=returns, old_values=values, old_logp=old_logp)
+            seq_kl, n_rows = float(kl_tok.sum(1).mean()), ids.shape[0]
+            if self.world > 1:   # over the whole rollout: every rank's controller moves alike
+                kl_sum, n_rows = parallel.all_sum([float(kl_tok.sum()), n_rows], self.device)
+                seq_kl = kl_sum / n_rows
             stats.update(rollout_kl=seq_kl, kl_coef=self.kl.value)
-            self.kl.update(seq_kl, ids.shape[0])
+            self.kl.update(seq_kl, int(n_rows))
         self.last_stats = stats
         return self._minibatches(batch, stats, seed)
 
+    def _whiten(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """masked_whiten over the whole rollout: under FSDP its mean and variance are summed over the ranks."""
+        if self.world == 1:
+            return masked_whiten(x, mask)
+        m = mask.to(x.dtype)
+        s, n = parallel.all_sum([float((x * m).sum()), float(m.sum())], self.device)
+        mean = s / max(n, 1.0)
+        (ss,) = parallel.all_sum([float((((x - mean) ** 2) * m).sum())], self.device)
+        return (x - mean) * torch.rsqrt(torch.tensor(ss / max(n, 1.0) + 1e-8, dtype=x.dtype, device=x.device))
+
     def _minibatches(self, batch: dict, stats: dict, seed: int) -> list[dict]:
+        """update_epochs x minibatches of this rank's rows. Under FSDP each rank shuffles its own rows, and
+        `token_share` scales each rank's per-token mean loss to its share of the minibatch's tokens on all ranks."""
         N = batch["input_ids"].shape[0]
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed if self.world == 1 else [seed, self.rank])
         out = []
         for _ in range(self.cfg.update_epochs):
             order = rng.permutation(N) if self.cfg.minibatches > 1 else np.arange(N)
@@ -214,6 +242,10 @@ class RolloutBatches:
                 mb = {k: v[idx, :width].cpu().numpy() for k, v in batch.items()}
                 mb.update({k: v for k, v in stats.items()})
                 out.append(mb)
+        if self.world > 1:
+            shares = parallel.token_share([float(mb["resp_mask"].sum()) for mb in out], self.device)
+            for mb, share in zip(out, shares):
+                mb["token_share"] = share
         return out
 
     # resume: the pending minibatches are stored as lists (small: tens of rows of < 200 tokens)
@@ -251,6 +283,7 @@ def grpo_loss(model, batch: dict, cfg: RLConfig):
     pg, clipfrac, _ = ppo_policy_loss(logp, old, batch["adv"], mask, cfg.clip)
     kl = k3_kl(logp, batch["ref_logp"])
     loss = masked_mean(pg + cfg.kl_coef * kl, mask) if cfg.kl_coef else masked_mean(pg, mask)
+    loss = loss * batch.get("token_share", 1.0)   # under FSDP: this rank's share of the rollout's tokens
     return loss, {"kl": float(masked_mean(kl.detach(), mask)), "entropy": float(masked_mean(out["entropy"].detach(), mask)),
                   "clip_frac": float(clipfrac), **_stats(batch)}
 
@@ -260,7 +293,7 @@ def ppo_loss(model: PolicyWithValue, batch: dict, cfg: RLConfig):
     out = model(batch["input_ids"], mask, cfg.temperature)
     pg, clipfrac, approx_kl = ppo_policy_loss(out["logp"], batch["old_logp"], batch["adv"], mask, cfg.clip)
     vloss, vclip = ppo_value_loss(out["values"], batch["old_values"], batch["returns"], mask, cfg.value_clip)
-    loss = masked_mean(pg, mask) + cfg.vf_coef * vloss
+    loss = (masked_mean(pg, mask) + cfg.vf_coef * vloss) * batch.get("token_share", 1.0)
     kl = float(masked_mean((out["logp"] - batch["ref_logp"]).detach(), mask))
     return loss, {"kl": kl, "entropy": float(masked_mean(out["entropy"].detach(), mask)), "clip_frac": float(clipfrac),
                   "value_loss": float(vloss.detach()), "value_clip_frac": float(vclip), "approx_kl": float(approx_kl),
@@ -341,6 +374,7 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
     if reward_fn is None:
         parse_reward_spec(cfg.reward)      # a bad spec fails before any model is loaded
     device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)   # LoRA's initial factors: the same on every rank (FSDP shards what each holds)
     policy, tok, _ = load_trainable_policy(run, device, lora=cfg)
     ref = frozen_reference(policy)
     if reward_fn is None:
@@ -375,7 +409,8 @@ def prepare_rl(run, cfg: RLConfig, reward_fn=None) -> RLSetup:
                   save=save, load=load, evaluate=evaluate if cfg.eval_every else None, evaluate_at_start=True,
                   tokens_in=lambda b: int(b["resp_mask"].sum()),
                   extra_state=kl.state_dict, load_extra_state=kl.load_state_dict,
-                  n_params=sum(p.numel() for p in model.parameters() if p.requires_grad))
+                  n_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                  frozen=[ref] if ref is not None else [])
     return RLSetup(stage, cfg, policy, ref, batches, kl)
 
 
