@@ -16,8 +16,10 @@ def cmd_pipeline(args) -> None:
     from ..config import PipelineConfig
     from ..pipeline.run import run_pipeline
 
+    from ..train.loop import is_main_process
+
     report = run_pipeline(config_from_args(PipelineConfig, args))
-    if report.exists():
+    if report.exists() and is_main_process():   # under torchrun: rank 0 says it once
         print(f"open {report.resolve()}")
 
 

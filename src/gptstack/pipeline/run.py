@@ -12,6 +12,11 @@ stage continues from its last checkpoint). Budgets: `--budget minutes` (the defa
 wall-clock minutes, so the pipeline takes about the same time on any 2-core CPU and a faster machine trains
 more; `--budget steps` gives each training stage the preset's fixed step count, so any machine trains the
 same assistant in whatever time it needs.
+
+Under torchrun (`--parallel ddp|fsdp` for every training stage) every rank runs the pipeline: the training
+stages together (the loop shards their data and models), the rest on rank 0 alone — preference sampling
+(prefs.jsonl has one writer; the others wait at a barrier before a stage reads it), evaluation and the
+report, and pipeline.json — so every file has one writer and no rank reads a file before it is complete.
 """
 
 from __future__ import annotations
@@ -37,14 +42,37 @@ def selected_stages(cfg: PipelineConfig) -> list[str]:
     return [s for s in NAMES if (not only or s in only) and s not in skip]
 
 
+# stages one rank runs for all: they sample or measure without a training loop, and write one file each
+RANK0_STAGES = ("prefs", "eval", "report")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world); under torchrun the process group is created here, once, for every stage."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", 1) or 1) < 2:
+        return 0, 1
+    from ..train.loop import distributed_context
+
+    rank, world, _ = distributed_context()
+    return rank, world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch
+
+        torch.distributed.barrier()
+
+
 class _Record:
     """RUN_ROOT/pipeline.json: what ran, with which preset and budget, how long each stage took. Rewritten
     atomically after every stage, so a kill never leaves half a record that the rerun could not read."""
 
-    def __init__(self, root: Path, cfg: PipelineConfig, preset: Preset):
+    def __init__(self, root: Path, cfg: PipelineConfig, preset: Preset, writer: bool = True):
         from ..io import read_json
 
-        self.path = root / "pipeline.json"
+        self.path, self.writer = root / "pipeline.json", writer   # under torchrun only rank 0 writes it
         try:
             self.data = read_json(self.path) if self.path.exists() else {}
         except GptstackError:
@@ -69,28 +97,33 @@ class _Record:
     def save(self) -> None:
         from ..io import atomic_write_json
 
-        atomic_write_json(self.path, self.data)
+        if self.writer:
+            atomic_write_json(self.path, self.data)
 
 
 def run_pipeline(cfg: PipelineConfig) -> Path:
     cfg.validate()
     preset = load_preset(cfg.preset).with_budget(cfg.budget)   # every section checked before any stage runs
     stages = selected_stages(cfg)
+    rank, world = _distributed()
+    main = rank == 0
     root = Path(cfg.out)
-    record = _Record(root, cfg, preset)
+    record = _Record(root, cfg, preset, writer=main)
     root.mkdir(parents=True, exist_ok=True)
     record.save()
     paths = {s.name: root / s.output for s in STAGES if s.output}
     configs = _stage_configs(preset, cfg, paths)
+    _barrier(world)   # every rank has decided which stages resume before any stage writes
 
     t_start = time.time()
-    for name in stages:
+    for i, name in enumerate(stages):
         if name in preset.budget_steps and cfg.budget == "minutes":   # what the report holds the steps against
             record.data["stages"].setdefault(name, {})["expected_steps"] = preset.budget_steps[name]
         spec = next(s for s in STAGES if s.name == name)
         if spec.needs_prefs and paths["prefs"].exists() and _count_pairs(paths["prefs"]) == 0:
             # every sampled reply tied under the checkers: there is nothing to learn a preference from
-            print(f"\n=== {name}: skipped, {paths['prefs']} has no preference pairs (all replies tied)", flush=True)
+            if main:
+                print(f"\n=== {name}: skipped, {paths['prefs']} has no preference pairs (all replies tied)", flush=True)
             record.mark(name, "skipped", error="no preference pairs: every sampled reply tied")
             continue
         if spec.trains and is_finished(paths[name]):
@@ -100,10 +133,22 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
             # prefs.jsonl only ever appears complete (written to a temp file, fsynced, renamed)
             record.mark(name, "reused")
             continue
-        print(f"\n=== {name}: {_describe(name, configs.get(name))}", flush=True)
+        _barrier(world)   # every rank has made the checks above before any rank writes this stage's files
+        if world > 1 and name in RANK0_STAGES:
+            if not main:   # rank 0 runs it; wait for its file only where a later stage trains on it
+                if any(next(s for s in STAGES if s.name == later).trains for later in stages[i + 1:]):
+                    _barrier(world)
+                continue
+        if main:
+            print(f"\n=== {name}: {_describe(name, configs.get(name))}"
+                  + (f"  [{world} ranks, {cfg.parallel}]" if world > 1 and name not in RANK0_STAGES else ""),
+                  flush=True)
         t0 = time.time()
         try:
             fresh = _run_stage(name, configs.get(name), paths, root, preset, cfg)
+            if world > 1 and name in RANK0_STAGES and any(
+                    next(s for s in STAGES if s.name == later).trains for later in stages[i + 1:]):
+                _barrier(world)
         except KeyboardInterrupt:
             record.mark(name, "interrupted", time.time() - t0)
             raise Interrupted(f"interrupted in stage {name}; rerun the same command to continue") from None
@@ -134,6 +179,7 @@ def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) 
             fixed["out"] = str(paths[s.name])
         if s.trains:
             fixed["resume"] = paths[s.name].is_dir()   # continue from its last commit; none: start fresh
+            fixed["parallel"] = cfg.parallel
         if s.name == "base":
             fixed["corpus"] = cfg.corpus
         if s.name in ("grpo", "ppo_task"):
