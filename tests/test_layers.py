@@ -15,7 +15,7 @@ LAYERS = [
     ["tokenizer", "model"],
     ["hub"],
     ["runs"],
-    ["data"],
+    ["export", "data"],
     ["infer"],
     ["eval"],
     ["train"],

@@ -276,3 +276,37 @@ def load_reward_model(run_dir, device="cpu"):
     for p in rm.parameters():
         p.requires_grad_(False)
     return rm, tok, config
+
+
+# ---- importing a Hugging Face model as a run ----------------------------------------------------------------
+
+def import_model(source, out_dir) -> Path:
+    """Write the HF model `source` (a directory or hub id) as a normal run directory: model.safetensors under
+    our names (in the checkpoint's own dtype), config.json, tokenizer/ (the model's own, with its template)
+    and a finished trainer_state.json, so the pipeline and every command treat it as a trained base."""
+    from .hub.weights import read_hf_state
+
+    src, out = resolve_model(source), Path(out_dir)
+    if not is_hf_model_dir(src):
+        raise CheckpointError(f"'{source}' is not a Hugging Face model directory (no transformers config.json)")
+    recover_run(out)
+    if (out / "model.safetensors").exists() or (out / "trainer_state.json").exists():
+        raise ConfigError(f"'{out}' already holds a run; choose another --out (nothing was overwritten)")
+    config = read_config(src)
+    mcfg = GPTConfig.from_dict(config["model"])
+    tokenizer = load_tokenizer(src)
+    tokenizer.pad_to(mcfg.vocab_size)
+    state = read_hf_state(src, dtype=None)
+    load_state_strict(GPT(mcfg), {k: v.float() for k, v in state.items()}, f"'{src}'")   # fits, before writing
+    if mcfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    config = {**config, "source_run": str(source), "parent_run": None,
+              "tokenizer_fingerprint": tokenizer.fingerprint()}
+    cid = new_checkpoint_id()
+    with commit_checkpoint(out) as tmp:
+        save_weights(tmp / "model.safetensors", state, {"checkpoint_id": cid})
+        tokenizer.save(tmp / "tokenizer")
+        atomic_write_json(tmp / "config.json", config)
+        atomic_write_json(tmp / "trainer_state.json", {"finished": True, "step": 0, "checkpoint_id": cid,
+                                                       "imported_from": str(source)})
+    return out

@@ -1,7 +1,8 @@
 """The `gptstack` command: one subcommand per stage, parse -> config -> library call -> print.
 
 Commands live by area: train.py (tokenizer, pretrain, sft, merge, preferences, reward, rl, dpo, distill,
-eval, tasks, align-eval), infer.py (sample, bpb, chat, generate, index), pipeline.py (pipeline, report).
+eval, tasks, align-eval), infer.py (sample, bpb, chat, generate, index), pipeline.py (pipeline, report), serve.py (serve),
+hub.py (import, export).
 Each parses its flags into the stage's config dataclass (flags come from the fields, with their help) and
 calls the library. Handlers import what they need when they run, so `gptstack --help` imports no torch.
 Every GptstackError is printed on one line and exits 2, with no traceback.
@@ -15,6 +16,7 @@ import sys
 
 from ..errors import GptstackError, Interrupted
 
+from .hub import register_hub_commands
 from .infer import register_infer_commands
 from .pipeline import register_pipeline_commands
 from .serve import register_serve_commands
@@ -29,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_infer_commands(sub)
     register_pipeline_commands(sub)
     register_serve_commands(sub)
+    register_hub_commands(sub)
     for command in sub.choices.values():   # one flag, every command (threads are per process)
         command.add_argument("--threads", type=int, default=None, metavar="N",
                              help="torch threads (default: one per core, or $GPTSTACK_THREADS); fewer when other "

@@ -10,7 +10,7 @@ any weights are read.
 from __future__ import annotations
 
 from ..errors import CheckpointError
-from ..model.gpt import ROPE_TYPES, GPTConfig
+from ..model.gpt import ROPE_TYPES, GPTConfig, hf_name, our_name  # noqa: F401 (re-exported)
 
 ARCHITECTURES = {   # model_type -> the transformers class it is saved from
     "llama": "LlamaForCausalLM",
@@ -119,10 +119,3 @@ def hf_config_from_gpt(cfg: GPTConfig, bos_id: int | None, eos_id: int | list[in
         hf.update(use_sliding_window=False, sliding_window=None)
     return hf
 
-
-def hf_name(ours: str) -> str:
-    return ours if ours == "lm_head.weight" else "model." + ours
-
-
-def our_name(hf: str) -> str:
-    return hf[len("model."):] if hf.startswith("model.") else hf

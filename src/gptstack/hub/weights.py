@@ -1,5 +1,5 @@
 """Reading a Hugging Face checkpoint's tensors: one model.safetensors or shards listed in
-model.safetensors.index.json; bf16/fp16/fp32 on disk, float32 (or `dtype`) in memory, renamed to ours."""
+model.safetensors.index.json; bf16/fp16/fp32 on disk, float32 (or `dtype`; None keeps the file's) in memory, renamed to ours."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def weight_files(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"'{model_dir}' has no model.safetensors (nor {INDEX}): no weights to load")
 
 
-def read_hf_state(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def read_hf_state(model_dir: Path, dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
     """Every tensor of the checkpoint under our names. Truncated or corrupt files are a CheckpointError;
     whether the tensors fit the model is checked when they are loaded into it (load_state_strict)."""
     state: dict[str, torch.Tensor] = {}
@@ -47,5 +47,5 @@ def read_hf_state(model_dir: Path, dtype: torch.dtype = torch.float32) -> dict[s
         for name, t in tensors.items():
             if name.endswith("rotary_emb.inv_freq"):   # old checkpoints saved RoPE's buffer; we compute it
                 continue
-            state[our_name(name)] = t.to(dtype) if t.is_floating_point() else t
+            state[our_name(name)] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     return state

@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ..config import DEFAULT_LORA_TARGETS
 from ..errors import CheckpointError, ConfigError, DependencyError
+from .gpt import hf_name, our_name
 
 DEFAULT_TARGETS = tuple(DEFAULT_LORA_TARGETS.split(","))   # every projection of every block (config.LoraOptions)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -170,6 +171,23 @@ def adapter_state(peft_model) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(peft_model)
 
 
+_PEFT_PREFIX = "base_model.model."
+
+
+def _to_hf_keys(state: dict) -> dict:
+    """Adapter files use the names PEFT gives the same adapter on the Hugging Face model
+    (`base_model.model.model.layers.0...`), so `PeftModel.from_pretrained` loads them onto the HF base (an
+    imported model, or our run exported with `gptstack export --format hf`)."""
+    return {(_PEFT_PREFIX + hf_name(k[len(_PEFT_PREFIX):]) if k.startswith(_PEFT_PREFIX) else k): v
+            for k, v in state.items()}
+
+
+def _from_hf_keys(state: dict) -> dict:
+    """Back to our module names; adapters saved before the HF naming (no inner `model.`) pass unchanged."""
+    return {(_PEFT_PREFIX + our_name(k[len(_PEFT_PREFIX):]) if k.startswith(_PEFT_PREFIX) else k): v
+            for k, v in state.items()}
+
+
 def save_adapter(peft_model, directory: str | Path, checkpoint_id: str = "") -> None:
     """Write `directory/adapter_config.json` and `adapter_model.safetensors` in PEFT's format, each file
     atomically (PEFT's own save_pretrained writes in place). Training stages call it on the staging
@@ -188,7 +206,7 @@ def save_adapter(peft_model, directory: str | Path, checkpoint_id: str = "") -> 
     meta = {"format": "pt"}
     if checkpoint_id:
         meta["checkpoint_id"] = checkpoint_id
-    save_weights(directory / ADAPTER_WEIGHTS, adapter_state(peft_model), meta)
+    save_weights(directory / ADAPTER_WEIGHTS, _to_hf_keys(adapter_state(peft_model)), meta)
 
 
 def read_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -197,7 +215,8 @@ def read_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict[s
     directory = Path(directory)
     if not (directory / ADAPTER_CONFIG).exists():
         raise CheckpointError(f"'{directory}' is not a PEFT adapter directory: it has no {ADAPTER_CONFIG}")
-    return load_weights(directory / ADAPTER_WEIGHTS)
+    state, meta = load_weights(directory / ADAPTER_WEIGHTS)
+    return _from_hf_keys(state), meta
 
 
 def set_adapter_state(peft_model, state: dict[str, torch.Tensor], where: str = "") -> None:

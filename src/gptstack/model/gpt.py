@@ -350,6 +350,16 @@ def model_config_from_depth(depth: int, vocab_size: int, seq_len: int, n_embd: i
     return cfg
 
 
+# ---- Hugging Face parameter names: ours are LlamaForCausalLM's without the inner `model.` -------------------
+
+def hf_name(ours: str) -> str:
+    return ours if ours.startswith("lm_head.") else "model." + ours
+
+
+def our_name(hf: str) -> str:
+    return hf[len("model."):] if hf.startswith("model.") else hf
+
+
 # ---- getting at the GPT inside wrappers, and loading its weights -------------------------------------------
 
 def unwrap(model: nn.Module) -> nn.Module:
