@@ -123,3 +123,17 @@ def test_every_stage_trains_on_an_imported_model(tmp_path, qwen3_dir, capsys):
     imported = import_model(qwen3_dir, tmp_path / "imported")
     assert is_finished(imported) and (imported / "tokenizer" / "tokenizer.json").exists()
     assert main(["import", str(qwen3_dir), "--out", str(imported)]) == 2   # never overwrites
+
+
+def test_pipeline_starts_from_an_imported_model(tmp_path, qwen3_dir):
+    from gptstack.cli import main
+    from gptstack.runs import read_config
+
+    root = tmp_path / "root"
+    assert main(["pipeline", "--preset", "micro", "--base", str(qwen3_dir), "--out", str(root),
+                 "--only", "base,sft"]) == 0
+    record = json.loads((root / "pipeline.json").read_text())
+    assert record["base_model"] == str(qwen3_dir) and record["stages"]["base"]["status"] == "done"
+    assert read_config(root / "base")["stage"] == "import"
+    assert read_config(root / "sft")["source_run"] == str(root / "base")
+    assert not (root / "base" / "metrics.jsonl").exists()   # nothing was pretrained

@@ -455,6 +455,8 @@ class PipelineConfig:
     seed: int = opt(0, "random seed of every stage")
     parallel: str = opt("ddp", "under torchrun: how every training stage runs, ddp (every rank holds the whole "
                                "model) or fsdp (FSDP2: sharded across the ranks)", ("ddp", "fsdp"))
+    base: str = opt("", "start from a Hugging Face model (a directory or hub id) instead of pretraining: the base "
+                        "stage imports it (gptstack import) and every later stage trains on it")
 
     def validate(self) -> None:
         check_choices(self)

@@ -83,7 +83,7 @@ class _Record:
             raise ConfigError(f"'{root}' was made with --budget {made_with}; its stages would be reused under "
                               f"--budget {cfg.budget}: choose another --out")
         self.data.update({"preset": preset.name, "corpus": cfg.corpus, "budget": cfg.budget,
-                          "rl_task": preset.rl_task})
+                          "rl_task": preset.rl_task, "base_model": cfg.base or None})
         self.data.setdefault("stages", {})
 
     def mark(self, name: str, status: str, seconds: float | None = None, **extra) -> None:
@@ -140,7 +140,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
                     _barrier(world)
                 continue
         if main:
-            print(f"\n=== {name}: {_describe(name, configs.get(name))}"
+            print(f"\n=== {name}: {_describe(name, configs.get(name), cfg.base)}"
                   + (f"  [{world} ranks, {cfg.parallel}]" if world > 1 and name not in RANK0_STAGES else ""),
                   flush=True)
         t0 = time.time()
@@ -195,8 +195,10 @@ def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) 
     return out
 
 
-def _describe(name: str, cfg) -> str:
+def _describe(name: str, cfg, base: str = "") -> str:
     """The one line printed when a stage starts: its budget, or what it samples or scores."""
+    if name == "base" and base:
+        return f"import {base} (no pretraining)"
     if name == "prefs":
         return f"{cfg.n_prompts} prompts x {cfg.samples} samples of {cfg.tasks}"
     if name == "eval":
@@ -209,7 +211,14 @@ def _describe(name: str, cfg) -> str:
 
 def _run_stage(name: str, cfg, paths: dict[str, Path], root: Path, preset: Preset, pcfg: PipelineConfig) -> bool:
     """One stage through the library; True if it did work (False: its output was already there)."""
-    if name == "base":
+    if name == "base" and pcfg.base:
+        from ..runs import import_model
+
+        rank, world = _distributed()
+        if rank == 0:   # one writer; the other ranks wait for the finished run
+            import_model(pcfg.base, paths["base"])
+        _barrier(world)
+    elif name == "base":
         from ..train.pretrain import pretrain
 
         pretrain(cfg)
