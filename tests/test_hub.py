@@ -132,3 +132,27 @@ def test_bad_models_are_one_line_errors(hf_dirs, tmp_path, breakage, message):
     with pytest.raises(CheckpointError, match=message) as e:
         load_model(d)
     assert "\n" not in str(e.value)
+
+
+def test_a_hub_id_loads_from_the_local_hub_cache(hf_dirs, tmp_path, monkeypatch):
+    """A hub id goes through huggingface_hub's snapshot_download; offline, with the model in the cache (laid out
+    as the hub client lays it out), it loads without network; an id that is not cached is a one-line error."""
+    from gptstack.errors import CheckpointError
+    from gptstack.runs import load_model, read_config
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-llama"
+    snap = repo / "snapshots" / ("0" * 40)
+    shutil.copytree(hf_dirs["llama3"], snap)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    model, tok, cfg = load_model("someone/tiny-llama")
+    assert cfg["hf"]["model_type"] == "llama" and tok.assistant_end_id == tok.special_ids["<|eot_id|>"]
+    with pytest.raises(CheckpointError, match="neither a local directory nor a downloadable hub model"):
+        read_config("someone/not-cached")
