@@ -34,36 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from gptstack.infer.engine import Engine  # noqa: E402
 from gptstack.infer.sampling import SamplingParams  # noqa: E402
-from gptstack.model.gpt import GPT, GPTConfig  # noqa: E402
+from gptstack.model.gpt import GPTConfig  # noqa: E402
 
-
-def make_models(cfg: GPTConfig, seed: int = 0, ours: GPT | None = None):
-    """Our GPT (random N(0, 0.02) weights unless given) and an HF model with the same weights: Llama, or Qwen3
-    when the GPT has QK-norm."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
-
-    if ours is None:
-        torch.manual_seed(seed)
-        ours = GPT(cfg)
-        with torch.no_grad():
-            for p in ours.parameters():
-                if p.dim() == 2:
-                    p.normal_(0, 0.02)
-    ours.eval()
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.mlp_hidden,
-                  num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                  num_key_value_heads=cfg.n_kv_head, max_position_embeddings=4 * cfg.seq_len,
-                  rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
-                  tie_word_embeddings=cfg.tie_embeddings, attention_bias=False)
-    if cfg.qk_norm:
-        hf = Qwen3ForCausalLM(Qwen3Config(head_dim=cfg.head_dim, use_sliding_window=False, **common)).eval()
-    else:
-        hf = LlamaForCausalLM(LlamaConfig(mlp_bias=False, **common)).eval()
-    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
-             for k, v in ours.state_dict().items() if not k.startswith("rope_")}
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
-    return ours, hf
+from _hf import check_same_logits, make_models  # noqa: E402  (bench/_hf.py: the HF model with our weights)
 
 
 class _Tok:
@@ -85,7 +58,7 @@ def bench(cfg, batch: int, new: int, prompt_len: int, repeats: int, speculate: i
     ours, hf = make_models(cfg)
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, cfg.vocab_size - 20, (batch, prompt_len), generator=g)
-    _check_same_logits(ours, hf, prompts)
+    check_same_logits(ours, hf, prompts)
     engine = Engine(ours, _Tok(cfg.vocab_size))
     params = SamplingParams(temperature=0, max_tokens=new, stop_token_ids=[])
     plist = prompts.tolist()
@@ -137,7 +110,7 @@ def bench_real(run: str, n_prompts: int, repeats: int, speculate: int, max_new: 
     ours, hf = make_models(model.config, ours=model)
     examples = generate_mixture("all", "test", max(1, n_prompts // 7), seed=3)
     prompts = [tok.render_prompt(e.prompt_messages()) for e in examples]
-    _check_same_logits(ours, hf, torch.tensor([prompts[0]]))
+    check_same_logits(ours, hf, torch.tensor([prompts[0]]))
     engine = Engine(ours, tok)
     params = SamplingParams(temperature=0, max_tokens=max_new, stop_token_ids=[tok.assistant_end_id])
     end = tok.assistant_end_id
@@ -164,13 +137,6 @@ def bench_real(run: str, n_prompts: int, repeats: int, speculate: int, max_new: 
         rows.append({"what": f"{Path(run).name} task prompts", "speculate": spec, "tokens": tokens,
                      **_time_pair(run_ours, run_hf, repeats, engine)})
     return rows
-
-
-def _check_same_logits(ours, hf, prompts) -> None:
-    with torch.no_grad():
-        a = ours(prompts)[:, -1]
-        b = hf(prompts).logits[:, -1]
-    assert torch.allclose(a, b, atol=1e-4), f"weights did not copy: max diff {(a - b).abs().max()}"
 
 
 def _time_pair(run_ours, run_hf, repeats: int, engine) -> dict:

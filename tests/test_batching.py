@@ -1,6 +1,7 @@
 """Continuous batching (infer/batch.py): joining a running batch changes no output, rows keep their own
 params/stops/hooks, chunked prefill interleaves with decode, the prefix cache reuses KV (counted in prefilled
-tokens) and evicts under its budget, a cancelled request leaves at the next step."""
+tokens) and evicts under its budget, a cancelled request leaves at the next step, a finished row is a free
+slot a later request is copied into in place, and rows of one request that finish apart keep their seeded text."""
 
 import pytest
 
@@ -193,6 +194,56 @@ def test_cancel_frees_the_row_at_the_next_step(engine, tiny_tokenizer):
     run_all(b)
     assert c.flat[0].tokens == alone(engine, c.prompts[0], params).tokens
     assert not b.busy and b.cache is None
+
+
+def test_a_finished_row_is_a_free_slot_that_a_joining_request_takes_in_place(engine, tiny_tokenizer):
+    params = lambda n: SamplingParams(max_tokens=n, **GREEDY)   # noqa: E731
+    b = Batcher(engine, chunk=64)
+    reqs = [b.add(Request(engine, [ids(tiny_tokenizer, t)], params(n)))
+            for t, n in [("Thou art a noble lord", 40), ("Sweet lady", 30), ("The king", 3)]]
+    run_all(b, until=lambda: reqs[2].done)
+    assert b.row_req[2] is None and b.live_rows == 2          # its row stays, free (1 free < 2 live)
+    k = b.cache.k
+    late = b.add(Request(engine, [ids(tiny_tokenizer, "Hear me")], params(12)))
+    run_all(b, until=lambda: late in b.row_req)
+    assert b.row_req[2] is late and b.cache.k is k             # copied into the slot, the cache not rebuilt
+    run_all(b)
+    for r in reqs + [late]:
+        assert r.flat[0].tokens == alone(engine, r.prompts[0], r.params).tokens
+    assert not b.busy and b.cache is None
+
+
+def test_rows_of_one_request_finishing_apart_keep_their_seeded_text(engine, tiny_tokenizer):
+    """n samples whose rows end at different steps (a hook ends row r after 2 + 3r tokens) next to another
+    request: every sample is the one it is alone (the request's rows stay contiguous, one draw per step)."""
+    class EndEarly:
+        def __init__(self):
+            self.n = {}
+
+        def start(self, n_rows):
+            self.n = {r: 0 for r in range(n_rows)}
+
+        def process(self, logits, rows):
+            return logits
+
+        def accept(self, rows, tokens):
+            for r in rows.tolist():
+                self.n[r] += 1
+
+        def finished(self, row):
+            return self.n[row] >= 2 + 3 * row
+
+    p = ids(tiny_tokenizer, "Good night")
+    sp = SamplingParams(n=4, max_tokens=30, temperature=1.0, seed=21, stop_token_ids=[])
+    ref = engine.generate([p], sp, [EndEarly()])[0]
+    b = Batcher(engine, chunk=64)
+    other = b.add(Request(engine, [ids(tiny_tokenizer, "The king")], SamplingParams(max_tokens=30, **GREEDY)))
+    b.step()
+    req = b.add(Request(engine, [p], sp, [EndEarly()]))
+    run_all(b)
+    assert [c.tokens for c in req.completions[0]] == [c.tokens for c in ref]
+    assert [len(c.tokens) for c in ref] == [2, 5, 8, 11]
+    assert other.flat[0].tokens == alone(engine, other.prompts[0], other.params).tokens
 
 
 def test_max_rows_holds_requests_back_until_rows_leave(engine, tiny_tokenizer):

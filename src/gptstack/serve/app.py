@@ -190,14 +190,19 @@ async def _sse(handle, parsed: Parsed, out: Responses):
                 yield event(out.chunk(i, "", role=True))
             elif parsed.echo:
                 yield event(out.chunk(i, out._echo(i)))
-        async for item in handle:
-            if isinstance(item, Delta):
-                if item.text or item.logprobs:
-                    yield event(out.chunk(item.choice, item.text, logprobs=item.logprobs or None))
-                if item.finish_reason:
-                    yield event(out.chunk(item.choice, None if out.chat else "", finish_reason=item.finish_reason))
-            elif isinstance(item, Result) and parsed.include_usage:
-                yield event(out.usage_chunk(item))
+        async for items in handle.batches():   # what arrived together is written together
+            data = []
+            for item in items:
+                if isinstance(item, Delta):
+                    if item.text or item.logprobs:
+                        data.append(event(out.chunk(item.choice, item.text, logprobs=item.logprobs or None)))
+                    if item.finish_reason:
+                        data.append(event(out.chunk(item.choice, None if out.chat else "",
+                                                    finish_reason=item.finish_reason)))
+                elif isinstance(item, Result) and parsed.include_usage:
+                    data.append(event(out.usage_chunk(item)))
+            if data:
+                yield "".join(data)
     except Exception as e:   # mid-stream the status is already sent: the error goes in the stream
         yield event(error_for(e).body())
     finally:

@@ -110,6 +110,10 @@ class Handle:
             self._push(error)
         self._push(_END)
 
+    def _put_all(self, items: list) -> None:   # on the loop
+        for item in items:
+            self.queue.put_nowait(item)
+
     # client side
     def cancel(self) -> None:
         if not self.done and not self.cancelled:
@@ -120,15 +124,26 @@ class Handle:
         return self._items()
 
     async def _items(self):
+        async for items in self.batches():
+            for item in items:
+                yield item
+
+    async def batches(self):
+        """The items as lists: everything that has arrived since the last one (a stream that fell behind
+        the engine catches up in one write instead of one per token)."""
         while True:
-            item = await self.queue.get()
-            if item is _END:
-                self.done = True
-                return
-            if isinstance(item, BaseException):
-                self.done = True
-                raise item
-            yield item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            for i, item in enumerate(items):
+                if item is _END or isinstance(item, BaseException):
+                    self.done = True
+                    if items[:i]:
+                        yield items[:i]
+                    if item is _END:
+                        return
+                    raise item
+            yield items
 
     async def result(self) -> Result:
         async for item in self:
@@ -285,6 +300,7 @@ class Scheduler:
         for h in list(self._running):     # cancelled (client gone, or shutting down): leave at this step
             if h.cancelled and h.request_state is not None:
                 self.batcher.cancel(h.request_state[0])
+        outbox: dict[Handle, list] = {}     # what each handle gets from this step, delivered at once
         for req, ev in self.batcher.step():
             h = req.tag
             if h.cancelled:
@@ -295,7 +311,7 @@ class Scheduler:
                 upto = len(req.flat[ev.row].tokens)   # the stop token that ended a row is not output
                 lps = lp_hook.rows[ev.row][sent[ev.row]:upto]
                 sent[ev.row] = upto
-            h._push(Delta(ev.row, ev.delta, lps, ev.finish_reason or None))
+            outbox.setdefault(h, []).append(Delta(ev.row, ev.delta, lps, ev.finish_reason or None))
         for h in list(self._running):
             if h.request_state is None:
                 continue
@@ -309,6 +325,25 @@ class Scheduler:
                 for local, c in enumerate(req.flat):
                     lps = lp_hook.rows[local][:len(c.tokens)] if lp_hook is not None else None
                     choices.append(Choice(local, c.text, list(c.tokens), c.finish_reason, lps))
-                h._push(Result(choices, sum(len(p) for p in h.request.prompts),
-                               sum(len(c.tokens) for c in choices)))
-            h._finish()
+                outbox.setdefault(h, []).append(Result(choices, sum(len(p) for p in h.request.prompts),
+                                                       sum(len(c.tokens) for c in choices)))
+            outbox.setdefault(h, []).append(_END)
+        _deliver(outbox)
+
+
+def _deliver(outbox: dict[Handle, list]) -> None:
+    """One call into each event loop per step (not one per token: each call wakes the loop's selector)."""
+    by_loop: dict = {}
+    for h, items in outbox.items():
+        by_loop.setdefault(h.loop, []).append((h, items))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_batch, batch)
+        except RuntimeError:   # the loop is closed: nobody is listening any more
+            for h, _ in batch:
+                h.cancelled = True
+
+
+def _put_batch(batch) -> None:
+    for h, items in batch:
+        h._put_all(items)
