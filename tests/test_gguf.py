@@ -293,3 +293,66 @@ def test_llama_cpp_tokenizes_and_greedy_decodes_as_we_do(tmp_path, tiny_tokenize
     out = subprocess.run([llama_cpp_bin("llama-simple"), "-m", path, "-n", "32", prompt], capture_output=True,
                          env=env, check=True).stdout
     assert out.rstrip(b"\n") == b"<|bos|>" + prompt.encode() + tiny_tokenizer.decode_bytes(gen)
+
+
+# ---- an imported Hugging Face model goes out too --------------------------------------------------------
+
+@pytest.mark.slow   # transformers builds the models
+@pytest.mark.parametrize("variant,arch,pre", [("qwen3", "qwen3", "qwen2"), ("smollm2", "llama", "gpt-2"),
+                                               ("llama3", "llama", "gpt-2")])
+def test_imported_hf_model_exports_with_its_own_tokenizer(tmp_path, variant, arch, pre):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer
+
+    from _hf_models import build
+
+    model_dir = build(variant, tmp_path / variant)
+    model, tok, _ = load_model(model_dir)
+    path = export_gguf(model_dir, tmp_path / "m.gguf", "f32")
+    r = gguf.GGUFReader(path)
+    assert field(r, "general.architecture") == arch and field(r, "tokenizer.ggml.pre") == pre
+    got = tensors(r)
+    for name, a in expected(model, arch).items():
+        assert np.array_equal(got[name][1], a), name
+    toks, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert len(toks) == model.config.vocab_size
+    for name, i in tok.special_ids.items():
+        assert toks[i] == name and types[i] == gguf.TokenType.CONTROL
+    assert field(r, "tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    if tok.bos_token_id is None:
+        assert "tokenizer.ggml.bos_token_id" not in r.fields
+    else:
+        assert field(r, "tokenizer.ggml.bos_token_id") == tok.bos_token_id
+    assert field(r, "tokenizer.chat_template") == tok.chat_template
+    # the stored vocabulary + merges, under the model's own pre-tokenizer, encode as the model's tokenizer does
+    spec = tok.to_hf_json()
+    spec["model"]["vocab"] = {t: i for i, (t, k) in enumerate(zip(toks, types)) if k == gguf.TokenType.NORMAL}
+    spec["model"]["merges"] = [m.split(" ") for m in field(r, "tokenizer.ggml.merges")]
+    spec["added_tokens"] = [{"id": i, "content": t, "special": True, "single_word": False, "lstrip": False,
+                             "rstrip": False, "normalized": False}
+                            for i, (t, k) in enumerate(zip(toks, types)) if k == gguf.TokenType.CONTROL]
+    import json
+
+    rebuilt = Tokenizer.from_str(json.dumps(spec))
+    assert rebuilt.encode(HELD_OUT, add_special_tokens=False).ids == tok.encode(HELD_OUT)
+
+    if llama_cpp_bin("llama-tokenize") and llama_cpp_bin("llama-simple"):
+        env = {**os.environ, "LD_LIBRARY_PATH": str(Path(llama_cpp_bin("llama-simple")).parent)}
+        ids = subprocess.run([llama_cpp_bin("llama-tokenize"), "-m", str(path), "-p", HELD_OUT, "--ids", "--no-bos",
+                              "--log-disable"], capture_output=True, text=True, env=env, check=True)
+        assert json.loads(ids.stdout.strip().splitlines()[-1]) == tok.encode(HELD_OUT)
+        prompt = "The king"
+        start = ([tok.bos_token_id] if field(r, "tokenizer.ggml.add_bos_token") else []) + tok.encode(prompt)
+        x, gen = torch.tensor([start]), []
+        specials = set(tok.special_ids.values())
+        with torch.no_grad():
+            for _ in range(32):
+                nxt = int(model(x)[0, -1].argmax())
+                if nxt in specials:   # llama.cpp stops at its end-of-generation set; compare up to any special
+                    break
+                gen.append(nxt)
+                x = torch.cat([x, torch.tensor([[nxt]])], 1)
+        out = subprocess.run([llama_cpp_bin("llama-simple"), "-m", str(path), "-n", "32", prompt],
+                             capture_output=True, env=env, check=True).stdout
+        head = (tok.decode_bytes(start[:1]) if start[0] != tok.encode(prompt)[0] else b"") + prompt.encode()
+        assert out.startswith(head + tok.decode_bytes(gen)), (out, head + tok.decode_bytes(gen))
