@@ -14,13 +14,14 @@ write their next tokens at the same column (`cache.pos`), while each row keeps i
 request is prefilled in a cache of its own (left-padded when it has several prompts), at most `chunk` prompt
 tokens per step, interleaved with the decode steps of the running rows; when its prefill is done its cache is
 merged in, rows of one request contiguous. A finished (or cancelled) row stays in the cache as a free slot
-(all its columns invalid; it is fed a dummy token): a request that joins later is copied into free slots in
-place — its used columns end at the batch's column, so only its own keys and values move — which spares the
+(all its columns invalid; it is fed a dummy token), and a request that joins later is copied into free slots
+in place (its used columns end at the batch's column), so only its own keys and values move. That spares the
 two whole-cache copies a merge and a drop would cost (measured: 35-40% of the step time with 32 clients that
-each send a new request as soon as one ends). Only when there are no free slots to take it, or its prompt is
-longer than the batch's used columns, is it merged by concatenation (the shorter side left-padded with
-invalid columns). Free slots are dropped (one copy) once they are as many as the live rows, and columns no
-live row uses any more are trimmed from the left when the cache must grow (one copy either way).
+each send a new request as soon as one ends). Only when no free slots can take it is it merged by
+concatenation (the shorter side left-padded with invalid columns), and then free slots are added for the
+requests about to join after it (a burst of arrivals costs one rebuild, not one per request). Free slots are
+dropped (one copy) once they are as many as the live rows, and columns no live row uses any more are trimmed
+from the left when the cache must grow (one copy either way).
 
 Each request keeps everything of its own: SamplingParams (and a torch.Generator from its seed, drawn only for
 its own rows, so its text does not depend on its neighbours), penalties' counts, stop ids and strings, max
@@ -413,8 +414,14 @@ class Batcher:
             req.counts = torch.zeros(req.rows, logits.size(-1), device=self.engine.device)
         if not self.row_req:
             self.cache, self.logits, self.next_pos = cache, logits, next_pos
-        elif (slot := self._free_run(req.rows)) is not None and cache.pos <= self.cache.pos:
+            self.row_req, self.row_local = [req] * req.rows, list(range(req.rows))
+            if (spare := self._coming_rows(req)):
+                self._add_free_slots(_with_columns(cache, 0, HEADROOM), spare)
+            return
+        elif (slot := self._free_run(req.rows)) is not None:
             # into free slots, in place: its used columns end where the batch's do
+            if cache.pos > self.cache.pos:   # a prompt longer than the batch's columns: add some (one copy)
+                self.cache = _with_columns(self.cache, cache.pos - self.cache.pos, HEADROOM)
             P, p, rows = self.cache.pos, cache.pos, slice(slot, slot + req.rows)
             self.cache.valid[rows] = False
             self.cache.k[:, rows, :, P - p:P] = cache.k[:, :, :, :p]
@@ -434,8 +441,38 @@ class Batcher:
                                 torch.cat([old.valid, new.valid], 0), width)
             self.logits = torch.cat([self.logits, logits], 0)
             self.next_pos = torch.cat([self.next_pos, next_pos], 0)
-        self.row_req += [req] * req.rows
-        self.row_local += list(range(req.rows))
+            self.row_req += [req] * req.rows
+            self.row_local += list(range(req.rows))
+            if (spare := self._coming_rows(req)):
+                self._add_free_slots(self.cache, spare)
+
+    def _coming_rows(self, req: Request) -> int:
+        """Rows of the requests that join next (prefilling now, or next in line with room for them): free
+        slots made ready for them while the cache is being rebuilt anyway, so that they are copied in place
+        instead of each rebuilding it again (a burst of arrivals would otherwise copy it once per request)."""
+        live = self.live_rows + req.rows
+        n_req = len({id(r) for r in self.row_req if r is not None} | {id(req)})
+        rows = 0
+        for r in list(self.prefilling) + list(self.waiting):
+            if r.cancelled:
+                continue
+            if self.max_requests is not None and n_req >= self.max_requests:
+                break
+            if self.max_rows is not None and live + rows + r.rows > self.max_rows:
+                break
+            rows, n_req = rows + r.rows, n_req + 1
+        return rows
+
+    def _add_free_slots(self, c: KVCache, n: int) -> None:
+        """`c` (the batch's cache, possibly with more columns) with n free rows after its rows."""
+        L, _, H, T, D = c.k.shape
+        self.cache = _cache(torch.cat([c.k, c.k.new_zeros(L, n, H, T, D)], 1),
+                            torch.cat([c.v, c.v.new_zeros(L, n, H, T, D)], 1),
+                            torch.cat([c.valid, c.valid.new_zeros(n, T)], 0), c.pos)
+        self.logits = torch.cat([self.logits, self.logits.new_zeros(n, self.logits.shape[1])], 0)
+        self.next_pos = torch.cat([self.next_pos, self.next_pos.new_zeros(n)], 0)
+        self.row_req += [None] * n
+        self.row_local += [-1] * n
 
     def _free_run(self, n: int) -> int | None:
         """The first batch row of n contiguous free slots, or None."""
