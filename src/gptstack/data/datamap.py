@@ -1,0 +1,255 @@
+"""A map of an SFT data set: every conversation embedded, projected to 2-D, and drawn.
+
+    points = build_map(conversations, labels, embedder="minilm")      # embeddings -> t-SNE (UMAP if installed)
+    write_map(points, out_dir)                                         # map.png, map.html, points.jsonl
+    order = curriculum_order(distances, "center-out")                  # the SFT curriculum from the same map
+
+Embeddings are the packaged MiniLM's (data/embed.py) of the conversation's text, or a run's own mean final
+hidden states over the rendered conversation (`embedder=RUN`). The centre is the embedding centroid; each
+point's distance to it (cosine distance for MiniLM's unit vectors) is what the center-out / outside-in
+curricula sort by, so the map shows the order the model will see the data in.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import ConfigError, DataError
+
+ORDERS = ("random", "center-out", "outside-in", "easy-first", "hard-first")
+
+
+@dataclass
+class MapPoint:
+    index: int
+    x: float
+    y: float
+    label: str          # the task (task mixture) or the source file
+    distance: float     # from the embedding centroid
+    text: str           # what the hover shows
+
+
+def conversation_text(messages: Sequence[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+
+
+def embed_conversations(conversations: Sequence[Sequence[dict]], embedder: str = "minilm") -> np.ndarray:
+    """(N, D) float32: MiniLM sentence embeddings, or a run's mean final hidden states over each rendered
+    conversation (`embedder` is then the run directory)."""
+    if not conversations:
+        raise DataError("the data set has no conversations to map")
+    if embedder == "minilm":
+        from .embed import embed
+
+        return embed([conversation_text(c) for c in conversations])
+    import torch
+
+    from ..model.gpt import core_gpt
+    from ..runs import load_model
+
+    model, tok, _ = load_model(embedder, "cpu")
+    gpt = core_gpt(model)
+    out = []
+    with torch.no_grad():
+        for conv in conversations:
+            ids = tok.render_conversation(conv)[0][: gpt.config.seq_len]
+            h = gpt.hidden_states(torch.tensor([ids]))[0]
+            out.append(h.float().mean(0).numpy())
+    return np.stack(out).astype(np.float32)
+
+
+def centroid_distances(vectors: np.ndarray) -> np.ndarray:
+    """Distance of every embedding to the centroid: cosine distance (1 - cos) on the normalised vectors."""
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    centre = unit.mean(0)
+    centre /= max(np.linalg.norm(centre), 1e-12)
+    return (1.0 - unit @ centre).astype(np.float64)
+
+
+def project_2d(vectors: np.ndarray, seed: int = 0, method: str = "auto") -> tuple[np.ndarray, str]:
+    """(N, 2) coordinates and the method used: UMAP when installed and asked for (auto), else t-SNE."""
+    n = len(vectors)
+    if n < 3:
+        raise DataError(f"a map needs at least 3 conversations, got {n}")
+    if method in ("auto", "umap"):
+        try:
+            import umap  # optional
+            return umap.UMAP(random_state=seed, n_neighbors=min(15, n - 1)).fit_transform(vectors), "umap"
+        except ImportError:
+            if method == "umap":
+                raise ConfigError("--projection umap needs umap-learn (pip install umap-learn)") from None
+    from sklearn.manifold import TSNE
+
+    perplexity = float(min(30, max(2, (n - 1) // 3)))
+    xy = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(vectors)
+    return np.asarray(xy, dtype=np.float64), "tsne"
+
+
+def build_map(conversations: Sequence[Sequence[dict]], labels: Sequence[str], embedder: str = "minilm",
+              seed: int = 0, method: str = "auto") -> tuple[list[MapPoint], dict]:
+    vectors = embed_conversations(conversations, embedder)
+    dist = centroid_distances(vectors)
+    xy, used = project_2d(vectors, seed, method)
+    points = [MapPoint(i, float(xy[i, 0]), float(xy[i, 1]), labels[i], float(dist[i]),
+                       conversation_text(conversations[i])[:600]) for i in range(len(conversations))]
+    centre = int(np.argmin(dist))
+    info = {"n": len(points), "embedder": embedder, "projection": used, "centre_index": centre,
+            "labels": sorted(set(labels))}
+    return points, info
+
+
+def curriculum_order(distances: Sequence[float], order: str, seed: int = 0) -> list[int]:
+    """A permutation of range(N): by distance from the centroid (center-out: nearest first; outside-in:
+    farthest first; ties by index), or seeded random. easy-first / hard-first follow a cartography map's
+    confidence, which needs training dynamics this function does not have."""
+    if order not in ORDERS:
+        raise ConfigError(f"unknown --order {order!r}; choose one of {', '.join(ORDERS)}")
+    n = len(distances)
+    if order == "random":
+        rng = np.random.default_rng(seed)
+        return [int(i) for i in rng.permutation(n)]
+    if order in ("easy-first", "hard-first"):
+        raise ConfigError(f"--order {order} follows a training-dynamics (cartography) map, which is not built yet; "
+                          "use center-out, outside-in or random")
+    keyed = sorted(range(n), key=lambda i: (distances[i], i))
+    return keyed if order == "center-out" else keyed[::-1]
+
+
+# ---- writing the map --------------------------------------------------------------------------------------
+
+_COLORS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#9333ea", "#0891b2", "#db2777", "#65a30d", "#475569",
+           "#b45309"]
+
+
+def write_map(points: Sequence[MapPoint], info: dict, out_dir, title: str = "data map") -> dict[str, Path]:
+    """map.png, a self-contained interactive map.html (no network: inline data, script and style) and
+    points.jsonl (one point per line, in data-set order)."""
+    from ..io import atomic_write_bytes
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    labels = info["labels"]
+    color = {lab: _COLORS[i % len(_COLORS)] for i, lab in enumerate(labels)}
+    paths = {"png": out / "map.png", "html": out / "map.html", "points": out / "points.jsonl"}
+    atomic_write_bytes(paths["points"], "".join(json.dumps(asdict(p)) + "\n" for p in points).encode())
+    atomic_write_bytes(paths["png"], _png(points, info, color, title))
+    atomic_write_bytes(paths["html"], _html(points, info, color, title).encode())
+    return paths
+
+
+def _png(points, info, color, title) -> bytes:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs, ys = np.array([p.x for p in points]), np.array([p.y for p in points])
+    fig, ax = plt.subplots(figsize=(8, 7), dpi=110)
+    if len(points) >= 20:   # density underneath the points
+        ax.hexbin(xs, ys, gridsize=25, cmap="Greys", mincnt=1, alpha=0.35, linewidths=0)
+    for lab in info["labels"]:
+        sel = [i for i, p in enumerate(points) if p.label == lab]
+        ax.scatter(xs[sel], ys[sel], s=10, c=color[lab], label=lab, alpha=0.8, linewidths=0)
+    c = points[info["centre_index"]]
+    ax.scatter([c.x], [c.y], marker="*", s=260, c="gold", edgecolors="black", zorder=5, label="centre")
+    ax.set_title(f"{title}: {info['n']} conversations ({info['projection']}, {info['embedder']})", fontsize=10)
+    ax.legend(fontsize=7, markerscale=1.5, loc="best")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _html(points, info, color, title) -> str:
+    data = json.dumps({"points": [asdict(p) for p in points], "info": info, "colors": color})
+    data = data.replace("</", "<\\/")   # nothing in the data can close the script element
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 16px; color: #111; }}
+#wrap {{ position: relative; display: inline-block; }}
+canvas {{ border: 1px solid #ddd; }}
+#tip {{ position: absolute; pointer-events: none; background: #fff; border: 1px solid #999; padding: 6px 8px;
+        max-width: 420px; white-space: pre-wrap; font: 12px ui-monospace, monospace; display: none; }}
+#legend span {{ margin-right: 12px; }}
+</style></head><body>
+<h1 style="font-size:18px">{html.escape(title)}</h1>
+<p id="summary"></p>
+<label>colour by <select id="colorby"><option value="label">task / source</option>
+<option value="distance">distance from the centre</option></select></label>
+<label><input type="checkbox" id="density" checked> density</label>
+<div id="legend"></div>
+<div id="wrap"><canvas id="map" width="800" height="640"></canvas><div id="tip"></div></div>
+<script id="data" type="application/json">{data}</script>
+<script>
+"use strict";
+const D = JSON.parse(document.getElementById("data").textContent);
+const pts = D.points, canvas = document.getElementById("map"), ctx = canvas.getContext("2d");
+const tip = document.getElementById("tip");
+const xs = pts.map(p => p.x), ys = pts.map(p => p.y);
+const x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+const pad = 20, W = canvas.width, H = canvas.height;
+const sx = x => pad + (x - x0) / ((x1 - x0) || 1) * (W - 2 * pad);
+const sy = y => H - pad - (y - y0) / ((y1 - y0) || 1) * (H - 2 * pad);
+const dmax = Math.max(...pts.map(p => p.distance)) || 1;
+document.getElementById("summary").textContent =
+  `${{D.info.n}} conversations, ${{D.info.projection}} of ${{D.info.embedder}} embeddings; the star is the point nearest the centroid`;
+function colour(p) {{
+  if (document.getElementById("colorby").value === "distance") {{
+    const t = p.distance / dmax; return `rgb(${{Math.round(255 * t)}}, 60, ${{Math.round(255 * (1 - t))}})`;
+  }}
+  return D.colors[p.label] || "#444";
+}}
+function draw() {{
+  ctx.clearRect(0, 0, W, H);
+  if (document.getElementById("density").checked) {{
+    const n = 24, grid = new Array(n * n).fill(0);
+    for (const p of pts) {{
+      const i = Math.min(n - 1, Math.floor((sx(p.x) / W) * n)), j = Math.min(n - 1, Math.floor((sy(p.y) / H) * n));
+      grid[j * n + i] += 1;
+    }}
+    const gmax = Math.max(...grid) || 1;
+    for (let j = 0; j < n; j++) for (let i = 0; i < n; i++) {{
+      if (!grid[j * n + i]) continue;
+      ctx.fillStyle = `rgba(0,0,0,${{0.25 * grid[j * n + i] / gmax}})`;
+      ctx.fillRect(i * W / n, j * H / n, W / n, H / n);
+    }}
+  }}
+  for (const p of pts) {{
+    ctx.fillStyle = colour(p); ctx.beginPath(); ctx.arc(sx(p.x), sy(p.y), 3, 0, 2 * Math.PI); ctx.fill();
+  }}
+  const c = pts[D.info.centre_index];
+  ctx.fillStyle = "gold"; ctx.strokeStyle = "black"; ctx.beginPath();
+  ctx.arc(sx(c.x), sy(c.y), 8, 0, 2 * Math.PI); ctx.fill(); ctx.stroke();
+  const legend = document.getElementById("legend");
+  legend.textContent = "";
+  for (const lab of D.info.labels) {{
+    const s = document.createElement("span"); s.textContent = "\\u25CF " + lab; s.style.color = D.colors[lab];
+    legend.appendChild(s);
+  }}
+}}
+canvas.addEventListener("mousemove", e => {{
+  const r = canvas.getBoundingClientRect(), mx = e.clientX - r.left, my = e.clientY - r.top;
+  let best = null, bd = 64;
+  for (const p of pts) {{ const d = (sx(p.x) - mx) ** 2 + (sy(p.y) - my) ** 2; if (d < bd) {{ bd = d; best = p; }} }}
+  if (!best) {{ tip.style.display = "none"; return; }}
+  tip.textContent = `#${{best.index}} [${{best.label}}] distance ${{best.distance.toFixed(3)}}\\n` + best.text;
+  tip.style.left = (mx + 12) + "px"; tip.style.top = (my + 12) + "px"; tip.style.display = "block";
+}});
+canvas.addEventListener("mouseleave", () => {{ tip.style.display = "none"; }});
+document.getElementById("colorby").addEventListener("change", draw);
+document.getElementById("density").addEventListener("change", draw);
+draw();
+</script></body></html>
+"""
