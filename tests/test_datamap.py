@@ -80,3 +80,24 @@ def test_centroid_distance_is_cosine_to_the_mean_direction():
     v = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     d = centroid_distances(v)
     assert d[2] == pytest.approx(0.0, abs=1e-9) and d[0] == pytest.approx(1 - np.cos(np.pi / 4))
+
+
+def test_chat_batches_follow_a_curriculum_every_epoch():
+    from gptstack.data.chat import ChatBatches
+    from gptstack.errors import ConfigError
+
+    encoded = [([1] * (3 + i), [1] * (3 + i)) for i in range(6)]
+    order = [4, 2, 0, 5, 1, 3]
+    b = ChatBatches(encoded, 1, 16, seed=0, pack=False, order=order)
+    seen = [int((next(b)["position_ids"][0] > 0).sum()) + 1 for _ in range(12)]   # lengths identify items
+    assert seen == [len(encoded[i][0]) - 1 for i in order] * 2
+    with pytest.raises(ConfigError, match="permutation"):
+        ChatBatches(encoded, 1, 16, seed=0, order=[0, 0, 1, 2, 3, 4])
+
+
+def test_sft_refuses_an_unbuilt_order_before_loading_anything():
+    from gptstack.config import SFTConfig
+    from gptstack.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cartography"):
+        SFTConfig(order="easy-first", seq_len=64).validate()

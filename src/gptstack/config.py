@@ -114,6 +114,9 @@ def config_from_dict(cls, d: dict):
 
 # ---- what every training stage shares ---------------------------------------------------------------------
 
+# SFT curricula (data/datamap.py orders the data set by its map)
+CURRICULA = ("random", "center-out", "outside-in", "easy-first", "hard-first")
+
 @dataclass
 class TrainConfig:
     """Budget, batch, optimizer, schedule, logging, checkpoints: the training loop's settings."""
@@ -234,6 +237,9 @@ class SFTConfig(LoraOptions, TrainConfig):
     val_conversations: int = opt(280, "conversations held out for the periodic masked val loss (tasks: from the "
                                       "test split)")
     pack: bool = opt(True, "pack several conversations per row (measured 2.0x the trained tokens/s of padding)")
+    order: str = opt("random", "the curriculum: random (a fresh shuffle each epoch), or the data map's order every "
+                               "epoch, center-out (nearest the MiniLM embedding centroid first) or outside-in; "
+                               "easy-first / hard-first need a cartography map (not built yet)", CURRICULA)
     lora_train_specials: bool = opt(True, "with --lora: also train the embedding and head rows of the chat special "
                                           "tokens (a young base has never seen them)")
     qlora: bool = opt(False, "LoRA on a 4-bit (nf4) base through bitsandbytes; implies --lora")
@@ -259,6 +265,9 @@ class SFTConfig(LoraOptions, TrainConfig):
             raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
         if self.max_examples < 0 or self.val_conversations < 0:
             raise ConfigError("--max-examples and --val-conversations cannot be negative")
+        if self.order in ("easy-first", "hard-first"):
+            raise ConfigError(f"--order {self.order} follows a training-dynamics (cartography) map, which is not "
+                              "built yet; use center-out, outside-in or random")
 
 
 @dataclass

@@ -175,7 +175,7 @@ class ChatBatches:
     """
 
     def __init__(self, encoded, batch_size: int, seq_len: int, seed: int, rank: int = 0, world: int = 1,
-                 pack: bool = True, pad_id: int = 0, window: int = 64, device="cpu"):
+                 pack: bool = True, pad_id: int = 0, window: int = 64, device="cpu", order: list[int] | None = None):
         if batch_size < 1 or seq_len < 1 or window < 1:
             raise ConfigError(f"batch_size, seq_len and window must be positive, got {batch_size}, {seq_len}, {window}")
         if not 0 <= rank < world:
@@ -189,6 +189,9 @@ class ChatBatches:
         self.encoded, self.batch_size, self.seq_len = encoded, batch_size, seq_len
         self.seed, self.rank, self.world, self.pack, self.pad_id = seed, rank, world, pack, pad_id
         self.device = device
+        if order is not None and sorted(order) != list(range(len(encoded))):
+            raise ConfigError("a curriculum order must be a permutation of the conversations")
+        self.fixed_order = list(order) if order is not None else None   # a curriculum: the same order every epoch
         self.window = window if pack else 1  # one per row needs no look-ahead; keeps `epoch` exact
         self.epoch, self.cursor, self.buffer = 0, 0, []
         self._order = self._epoch_order(0)
@@ -196,6 +199,8 @@ class ChatBatches:
         self.epoch_tokens = sum(len(encoded[i][0]) - 1 for i in self._order)
 
     def _epoch_order(self, epoch: int) -> list[int]:
+        if self.fixed_order is not None:
+            return self.fixed_order[self.rank::self.world]
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
         return perm[self.rank::self.world].tolist()
 

@@ -20,9 +20,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ..config import CURRICULA as ORDERS
 from ..errors import ConfigError, DataError
-
-ORDERS = ("random", "center-out", "outside-in", "easy-first", "hard-first")
 
 
 @dataclass

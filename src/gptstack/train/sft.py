@@ -172,6 +172,13 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
                           "and train the new adapter on the merged run")
 
     train_convs, val_convs, described = load_sft_data(cfg)
+    if cfg.order != "random":
+        from ..data.datamap import centroid_distances, curriculum_order, embed_conversations
+
+        # the data map's order, fixed for every epoch (encoding keeps the order of what it keeps)
+        perm = curriculum_order(centroid_distances(embed_conversations(train_convs)), cfg.order, cfg.seed)
+        train_convs = [train_convs[i] for i in perm]
+        described += f"; curriculum {cfg.order}"
     if main:
         print(f"data: {described}", flush=True)
     encoded, stats = encode_conversations(tokenizer, train_convs, cfg.seq_len + 1)
@@ -214,7 +221,8 @@ def sft(run_dir: str | Path, cfg: SFTConfig) -> TrainResult:
               f"({100 * n_trainable / max(1, n_total):.2f}%)", flush=True)
 
     batches = ChatBatches(encoded, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world, pack=cfg.pack,
-                          pad_id=tokenizer.bos_id)
+                          pad_id=tokenizer.bos_id,
+                          order=list(range(len(encoded))) if cfg.order != "random" else None)
     val_batches = fixed_batches(val_encoded, cfg.batch_size, cfg.seq_len, cfg.pack, cfg.seed)
     config = run_config("sft", model, tokenizer, cfg, parent.resolve(), adapter=adapter_info,
                         data={"source": described, "train": stats, "held_out": val_stats})
