@@ -63,6 +63,24 @@ def expected(model: GPT, arch: str) -> dict:
     return out
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer():
+    """A 2048-token vocabulary trained on the README and the package's top-level modules: merges across
+    words, spaces, punctuation and indentation, so a split that differs from ours would show."""
+    from gptstack.tokenizer import Tokenizer
+
+    text = (REPO / "README.md").read_text() + "".join(p.read_text() for p in sorted((REPO / "src/gptstack").glob("*.py")))
+    return Tokenizer.train([text], vocab_size=2048)
+
+
+def held_out_text() -> str:
+    """Text the big tokenizer never saw: the tokenizer tests' source and the mixed-script sample."""
+    return (REPO / "tests" / "test_tokenizer.py").read_text() + HELD_OUT
+
+
 @pytest.fixture(scope="module")
 def qwen3_run(tmp_path_factory, tiny_tokenizer):
     """Our default layout: q/k norm (-> qwen3), grouped-query attention."""
@@ -141,13 +159,15 @@ def test_qwen3_tensors_and_metadata_read_back(tmp_path, qwen3_run, tiny_tokenize
     assert text == tiny_tokenizer.decode(tiny_tokenizer.render_prompt(conv))
 
 
-def test_stored_vocabulary_encodes_held_out_text_as_we_do(tmp_path, qwen3_run, tiny_tokenizer):
+def test_stored_vocabulary_encodes_held_out_text_as_we_do(tmp_path, big_tokenizer):
     """Decode the stored vocabulary: GGUF tokens + merges -> a `tokenizers` byte-level BPE with our split."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from gptstack.tokenizer import SPLIT_PATTERN
 
-    r = gguf.GGUFReader(export_gguf(qwen3_run, tmp_path / "m.gguf", "f16"))
+    tiny_tokenizer = big_tokenizer
+    run = save_run(tmp_path / "run", tiny_model(tiny_tokenizer), tiny_tokenizer)
+    r = gguf.GGUFReader(export_gguf(run, tmp_path / "m.gguf", "f16"))
     toks, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ")) for m in field(r, "tokenizer.ggml.merges")]
     assert len(merges) == len(tiny_tokenizer.mergeable_ranks) - 256
@@ -157,9 +177,10 @@ def test_stored_vocabulary_encodes_held_out_text_as_we_do(tmp_path, qwen3_run, t
         pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
-    ours = tiny_tokenizer.encode(HELD_OUT)
-    assert bpe.encode(HELD_OUT).ids == ours and len(ours) > 40
-    assert bpe.decode(ours) == HELD_OUT
+    text = held_out_text()
+    ours = tiny_tokenizer.encode(text)
+    assert bpe.encode(text).ids == ours and len(ours) > 1000
+    assert bpe.decode(ours) == text
 
 
 def test_llama_arch_permutes_q_k_for_adjacent_pair_rope(tmp_path, tiny_tokenizer):
@@ -260,8 +281,17 @@ def llama_cpp_bin(name: str) -> str | None:
                     reason="llama.cpp binaries not found (set GPTSTACK_LLAMA_CPP=DIR with llama-tokenize, "
                            "llama-simple)")
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_llama_cpp_tokenizes_and_greedy_decodes_as_we_do(tmp_path, tiny_tokenizer, arch):
+def test_llama_cpp_tokenizes_and_greedy_decodes_as_we_do(tmp_path, tiny_tokenizer, big_tokenizer, arch):
     import json
+
+    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(llama_cpp_bin("llama-simple")).parent)}
+    # llama.cpp's own tokenizer on the stored vocabulary (the big one: many merges) gives our ids
+    big = str(export_gguf(save_run(tmp_path / "big", tiny_model(big_tokenizer), big_tokenizer), tmp_path / "b.gguf"))
+    (tmp_path / "held.txt").write_text(held_out_text(), encoding="utf-8")
+    ids = subprocess.run([llama_cpp_bin("llama-tokenize"), "-m", big, "-f", str(tmp_path / "held.txt"), "--ids",
+                          "--no-bos", "--no-escape", "--no-parse-special", "--log-disable"],
+                         capture_output=True, text=True, env=env, check=True)
+    assert json.loads(ids.stdout.strip().splitlines()[-1]) == big_tokenizer.encode(held_out_text())
 
     if arch == "qwen3":
         model = tiny_model(tiny_tokenizer, n_head=4, n_kv_head=2)
@@ -275,10 +305,6 @@ def test_llama_cpp_tokenizes_and_greedy_decodes_as_we_do(tmp_path, tiny_tokenize
                     p.normal_(0, 0.3)
     run = save_run(tmp_path / "run", model, tiny_tokenizer)
     path = str(export_gguf(run, tmp_path / "m.gguf", "f32"))
-    env = {**os.environ, "LD_LIBRARY_PATH": str(Path(llama_cpp_bin("llama-simple")).parent)}
-    ids = subprocess.run([llama_cpp_bin("llama-tokenize"), "-m", path, "-p", HELD_OUT, "--ids", "--no-bos",
-                          "--log-disable"], capture_output=True, text=True, env=env, check=True)
-    assert json.loads(ids.stdout.strip().splitlines()[-1]) == tiny_tokenizer.encode(HELD_OUT)
 
     prompt = "The king"
     x = torch.tensor([tiny_tokenizer.encode(prompt, bos=True)])
@@ -339,7 +365,8 @@ def test_imported_hf_model_exports_with_its_own_tokenizer(tmp_path, variant, arc
     if llama_cpp_bin("llama-tokenize") and llama_cpp_bin("llama-simple"):
         env = {**os.environ, "LD_LIBRARY_PATH": str(Path(llama_cpp_bin("llama-simple")).parent)}
         ids = subprocess.run([llama_cpp_bin("llama-tokenize"), "-m", str(path), "-p", HELD_OUT, "--ids", "--no-bos",
-                              "--log-disable"], capture_output=True, text=True, env=env, check=True)
+                              "--no-escape", "--no-parse-special", "--log-disable"],
+                             capture_output=True, text=True, env=env, check=True)
         assert json.loads(ids.stdout.strip().splitlines()[-1]) == tok.encode(HELD_OUT)
         prompt = "The king"
         start = ([tok.bos_token_id] if field(r, "tokenizer.ggml.add_bos_token") else []) + tok.encode(prompt)
