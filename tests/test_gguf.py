@@ -165,12 +165,12 @@ def test_stored_vocabulary_encodes_held_out_text_as_we_do(tmp_path, big_tokenize
 
     from gptstack.tokenizer import SPLIT_PATTERN
 
-    tiny_tokenizer = big_tokenizer
-    run = save_run(tmp_path / "run", tiny_model(tiny_tokenizer), tiny_tokenizer)
+    tok = big_tokenizer
+    run = save_run(tmp_path / "run", tiny_model(tok), tok)
     r = gguf.GGUFReader(export_gguf(run, tmp_path / "m.gguf", "f16"))
     toks, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ")) for m in field(r, "tokenizer.ggml.merges")]
-    assert len(merges) == len(tiny_tokenizer.mergeable_ranks) - 256
+    assert len(merges) == len(tok.mergeable_ranks) - 256
     vocab = {t: i for i, (t, k) in enumerate(zip(toks, types)) if k == gguf.TokenType.NORMAL}
     bpe = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     bpe.pre_tokenizer = pre_tokenizers.Sequence([
@@ -178,7 +178,7 @@ def test_stored_vocabulary_encodes_held_out_text_as_we_do(tmp_path, big_tokenize
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bpe.decoder = decoders.ByteLevel()
     text = held_out_text()
-    ours = tiny_tokenizer.encode(text)
+    ours = tok.encode(text)
     assert bpe.encode(text).ids == ours and len(ours) > 1000
     assert bpe.decode(ours) == text
 
@@ -221,6 +221,18 @@ def test_llama_arch_permutes_q_k_for_adjacent_pair_rope(tmp_path, tiny_tokenizer
     theirs = theirs.reshape(5, 4, 16).transpose(0, 1)
     back = torch.from_numpy(unpermute_rope(theirs.transpose(0, 1).reshape(5, 64).T.numpy(), 4).T.copy())
     assert torch.allclose(back.view(5, 4, 16).transpose(0, 1), ours, atol=1e-5)
+
+
+def test_q8_0_keeps_rows_that_do_not_split_into_blocks_f16(tmp_path, tiny_tokenizer):
+    cfg = GPTConfig(vocab_size=tiny_tokenizer.vocab_size, n_layer=1, n_embd=64, n_head=4, n_kv_head=2,
+                    mlp_hidden=80, seq_len=32)   # ffn_down's rows are 80 wide: not a multiple of 32
+    model = GPT(cfg)
+    model.init_weights(0)
+    r = gguf.GGUFReader(export_gguf(save_run(tmp_path / "run", model, tiny_tokenizer), tmp_path / "m.gguf", "q8_0"))
+    got = tensors(r)
+    assert got["blk.0.ffn_down.weight"][0] == gguf.GGMLQuantizationType.F16
+    assert got["blk.0.ffn_up.weight"][0] == gguf.GGMLQuantizationType.Q8_0
+    assert np.array_equal(got["blk.0.ffn_up.weight"][1].shape, (80, 64))
 
 
 @pytest.mark.slow   # importing peft takes ~10 s of CPU
