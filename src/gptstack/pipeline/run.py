@@ -112,7 +112,7 @@ def run_pipeline(cfg: PipelineConfig) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     record.save()
     paths = {s.name: root / s.output for s in STAGES if s.output}
-    configs = _stage_configs(preset, cfg, paths)
+    configs = _stage_configs(preset, cfg, paths, world)
     _barrier(world)   # every rank has decided which stages resume before any stage writes
 
     t_start = time.time()
@@ -166,9 +166,12 @@ def _count_pairs(path: Path) -> int:
     return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
-def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) -> dict:
-    """Every stage's config, from the preset plus what the pipeline decides: outputs, seed, resume, and the
-    wiring between stages (the RL task, the reward model's path)."""
+def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path], world: int = 1) -> dict:
+    """Every stage's config, from the preset plus what the pipeline decides: outputs, seed, resume, the
+    wiring between stages (the RL task, the reward model's path), and under `world` ranks the rows per rank
+    of a stage whose preset fixes the tokens per step (`total_batch_tokens`): its batch is split among the
+    ranks where one rank's rows x ranks would overshoot it (tiny: 32 rows = one step; 2 ranks take 16 each),
+    so the step is the preset's. Other stages' --batch-size stays per rank (their step grows with the ranks)."""
     common = dict(seed=cfg.seed, progress=False)
     out = {}
     for s in STAGES:
@@ -190,7 +193,12 @@ def _stage_configs(preset: Preset, cfg: PipelineConfig, paths: dict[str, Path]) 
             fixed["teacher"] = str(paths["sft"])
         if s.name in ("rm", "dpo"):
             fixed["prefs"] = str(paths["prefs"])
-        out[s.name] = preset.config(s.name, **fixed)
+        c = preset.config(s.name, **fixed)
+        total, rows, seq = (getattr(c, k, 0) for k in ("total_batch_tokens", "batch_size", "seq_len"))
+        if world > 1 and total and seq and total % (rows * seq * world) and rows % world == 0 \
+                and total % (rows * seq) == 0:
+            c = preset.config(s.name, **fixed, batch_size=rows // world)
+        out[s.name] = c
     out["eval"] = preset.config("eval")
     return out
 
