@@ -5,7 +5,8 @@ scale); the llama architecture's q/k permutation is undone to compare, and shown
 into llama.cpp's adjacent-pair RoPE; the hyperparameters and tokenizer keys are there, and the stored tokens +
 merges, rebuilt into a `tokenizers` BPE with our split, encode held-out text to our ids. A LoRA run exports
 its merged weights. Where llama.cpp's binaries are at hand (GPTSTACK_LLAMA_CPP=DIR holding llama-tokenize and
-llama-simple, or on PATH), llama.cpp itself tokenizes held-out text to our ids and greedy-decodes our tokens.
+llama-simple, or on PATH), llama.cpp itself tokenizes held-out text to our ids and greedy-decodes our tokens
+(f32), and with llama-completion there too, renders the stored chat template into our prompt ids.
 """
 
 import os
@@ -331,6 +332,19 @@ def test_llama_cpp_tokenizes_and_greedy_decodes_as_we_do(tmp_path, tiny_tokenize
     out = subprocess.run([llama_cpp_bin("llama-simple"), "-m", path, "-n", "32", prompt], capture_output=True,
                          env=env, check=True).stdout
     assert out.rstrip(b"\n") == b"<|bos|>" + prompt.encode() + tiny_tokenizer.decode_bytes(gen)
+
+    if llama_cpp_bin("llama-completion") and arch == "qwen3":
+        # llama.cpp's Jinja engine renders the stored chat template into exactly our prompt ids
+        import re
+
+        run_chat = subprocess.run([llama_cpp_bin("llama-completion"), "-m", path, "--jinja", "-cnv", "-st",
+                                   "-sys", "Be brief.", "-p", "Hi 12", "-n", "1", "--temp", "0", "--verbose-prompt"],
+                                  capture_output=True, env=env, stdin=subprocess.DEVNULL, check=True, timeout=120)
+        log = (run_chat.stdout + run_chat.stderr).decode(errors="replace")
+        listed = log.split("number of tokens in prompt", 1)[1].split("sampler", 1)[0]
+        ids = [int(m) for m in re.findall(r" I +(\d+) -> ", listed)]
+        assert ids == tiny_tokenizer.render_prompt([{"role": "system", "content": "Be brief."},
+                                                    {"role": "user", "content": "Hi 12"}])
 
 
 # ---- an imported Hugging Face model goes out too --------------------------------------------------------
