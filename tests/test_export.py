@@ -137,3 +137,16 @@ def test_pipeline_starts_from_an_imported_model(tmp_path, qwen3_dir):
     assert read_config(root / "base")["stage"] == "import"
     assert read_config(root / "sft")["source_run"] == str(root / "base")
     assert not (root / "base" / "metrics.jsonl").exists()   # nothing was pretrained
+
+
+def test_export_gguf_from_the_command_line(tmp_path, tiny_tokenizer):
+    gguf = pytest.importorskip("gguf")
+    from gptstack.cli import main
+
+    run = save_run(tmp_path / "run", tiny_model(tiny_tokenizer, n_head=4, n_kv_head=2), tiny_tokenizer)
+    out = tmp_path / "m.gguf"
+    assert main(["export", run, "--format", "gguf", "--type", "q8_0", "--out", str(out)]) == 0
+    reader = gguf.GGUFReader(str(out))
+    assert any(t.name == "token_embd.weight" for t in reader.tensors)
+    assert main(["export", run, "--format", "gguf", "--adapter", "--out", str(tmp_path / "x.gguf")]) == 2
+    assert main(["export", run, "--format", "hf", "--type", "q8_0", "--out", str(tmp_path / "x")]) == 2

@@ -37,6 +37,16 @@ ROLE_TOKENS = {
     "assistant": ("<|assistant_start|>", "<|assistant_end|>"),
 }
 
+# our chat format as a Hugging Face / llama.cpp chat template: it renders what render_prompt and
+# render_conversation produce (tests compare it with apply_chat_template and llama.cpp)
+OUR_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ '<|system_start|>' + message['content'] + '<|system_end|>' }}"
+    "{% elif message['role'] == 'user' %}{{ '<|user_start|>' + message['content'] + '<|user_end|>' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '<|assistant_start|>' + message['content'] + '<|assistant_end|>' }}"
+    "{% else %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}")
+
 
 class Tokenizer:
     def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = SPLIT_PATTERN):

@@ -30,18 +30,9 @@ import os
 from pathlib import Path
 
 from ..errors import CheckpointError, ConfigError, DependencyError
-from ..tokenizer import SPLIT_PATTERN
+from ..tokenizer import OUR_CHAT_TEMPLATE, SPLIT_PATTERN
 
 TENSOR_TYPES = ("f32", "f16", "q8_0")
-
-# our chat format (Tokenizer.render_prompt / render_conversation) as a chat template
-OUR_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system_start|>' + message['content'] + '<|system_end|>' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user_start|>' + message['content'] + '<|user_end|>' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant_start|>' + message['content'] + '<|assistant_end|>' }}"
-    "{% else %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}")
 
 # tokenizer.json split regexes -> the llama.cpp pre-tokenizer (llama-vocab.cpp) that implements that split
 PRE_TOKENIZERS = {

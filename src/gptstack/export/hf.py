@@ -21,15 +21,8 @@ from ..errors import CheckpointError, ConfigError
 from ..hub.convert import hf_config_from_gpt
 from ..io import atomic_write_json, commit_checkpoint, save_weights
 from ..model.gpt import core_gpt, hf_name
+from ..tokenizer import OUR_CHAT_TEMPLATE
 
-# our chat format as a chat template: what Tokenizer.render_prompt / render_conversation produce
-OUR_CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ '<|system_start|>' + message['content'] + '<|system_end|>' }}"
-    "{% elif message['role'] == 'user' %}{{ '<|user_start|>' + message['content'] + '<|user_end|>' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '<|assistant_start|>' + message['content'] + '<|assistant_end|>' }}"
-    "{% else %}{{ raise_exception('roles are system, user and assistant') }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant_start|>' }}{% endif %}")
 
 
 def hf_state(model) -> dict:

@@ -10,7 +10,7 @@ any weights are read.
 from __future__ import annotations
 
 from ..errors import CheckpointError
-from ..model.gpt import ROPE_TYPES, GPTConfig, hf_name, our_name  # noqa: F401 (re-exported)
+from ..model.gpt import ROPE_TYPES, GPTConfig
 
 ARCHITECTURES = {   # model_type -> the transformers class it is saved from
     "llama": "LlamaForCausalLM",

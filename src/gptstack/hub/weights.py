@@ -10,7 +10,7 @@ import torch
 
 from ..errors import CheckpointError
 from ..io import load_weights
-from .convert import our_name
+from ..model.gpt import our_name
 
 INDEX = "model.safetensors.index.json"
 
