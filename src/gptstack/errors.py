@@ -30,6 +30,10 @@ class DependencyError(GptstackError):
     """An optional dependency (peft, bitsandbytes, sentence-transformers, ...) is missing or cannot run here."""
 
 
+class ToolError(GptstackError):
+    """A tool call that cannot run: bad arguments or syntax, division by zero, a result too large."""
+
+
 def require(condition: bool, error: type[GptstackError], message: str) -> None:
     """Raise `error(message)` unless `condition` holds; keeps validation one line per rule."""
     if not condition:
