@@ -44,5 +44,6 @@ def register_datamap_commands(sub) -> None:
     p.add_argument("--max-examples", type=int, default=0, help="with files: at most this many per file (0: all)")
     p.add_argument("--projection", choices=("auto", "tsne", "umap"), default="auto",
                    help="auto: UMAP when umap-learn is installed, else t-SNE (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the task mixture and the projection "
+                                                        "(default: %(default)s)")
     p.set_defaults(func=cmd_datamap)
