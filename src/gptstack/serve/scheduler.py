@@ -222,8 +222,10 @@ class Scheduler:
             log.debug("llguidance warm-up failed", exc_info=True)
 
     def _new_batcher(self) -> Batcher:
-        return Batcher(self.engine, max_requests=self.max_batch, chunk=self.prefill_chunk,
-                       prefix_cache=self.prefix_cache)
+        b = Batcher(self.engine, max_requests=self.max_batch, chunk=self.prefill_chunk,
+                    prefix_cache=self.prefix_cache)
+        b.on_events = self._emit   # each token goes out before the forward pass that feeds it back
+        return b
 
     def stats(self) -> dict:
         with self._cv:
@@ -296,12 +298,10 @@ class Scheduler:
         h.request_state = (req, lp_hook, [0] * req.rows)
         self.batcher.add(req)
 
-    def _step(self) -> None:
-        for h in list(self._running):     # cancelled (client gone, or shutting down): leave at this step
-            if h.cancelled and h.request_state is not None:
-                self.batcher.cancel(h.request_state[0])
-        outbox: dict[Handle, list] = {}     # what each handle gets from this step, delivered at once
-        for req, ev in self.batcher.step():
+    def _emit(self, events) -> None:
+        """A step's tokens, as Deltas, to their handles: one call into the event loop for all of them."""
+        outbox: dict[Handle, list] = {}
+        for req, ev in events:
             h = req.tag
             if h.cancelled:
                 continue
@@ -312,6 +312,14 @@ class Scheduler:
                 lps = lp_hook.rows[ev.row][sent[ev.row]:upto]
                 sent[ev.row] = upto
             outbox.setdefault(h, []).append(Delta(ev.row, ev.delta, lps, ev.finish_reason or None))
+        _deliver(outbox)
+
+    def _step(self) -> None:
+        for h in list(self._running):     # cancelled (client gone, or shutting down): leave at this step
+            if h.cancelled and h.request_state is not None:
+                self.batcher.cancel(h.request_state[0])
+        self.batcher.step()
+        outbox: dict[Handle, list] = {}
         for h in list(self._running):
             if h.request_state is None:
                 continue
