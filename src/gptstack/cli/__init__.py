@@ -17,6 +17,7 @@ import sys
 from ..errors import GptstackError, Interrupted
 
 from .datamap import register_datamap_commands
+from .data import register_data_commands
 from .hub import register_hub_commands
 from .infer import register_infer_commands
 from .pipeline import register_pipeline_commands
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_pipeline_commands(sub)
     register_serve_commands(sub)
     register_hub_commands(sub)
+    register_data_commands(sub)
     register_datamap_commands(sub)
     for command in sub.choices.values():   # one flag, every command (threads are per process)
         command.add_argument("--threads", type=int, default=None, metavar="N",
