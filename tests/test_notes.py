@@ -309,3 +309,32 @@ def test_cli(notes, tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"gptstack data: error: {notes}/log.jsonl:3: not valid JSON " \
                                               "(Expecting value at column 1)"
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_link_markup_tasks_and_more_event_shapes(tmp_path):
+    page = tmp_path / "a%2Fb.md"
+    page.write_text("alias:: AB\n- ## Links\n"
+                    "\t- See [[Page|the alias]] and [label]([[Other]]) and [site](https://x.org)\n"
+                    "\t- Tagged #[[two words]] inline ((6650f1a2-0000-4000-8000-000000000002)) {{embed [[x]]}} "
+                    "![[pic.png]]\n"
+                    "\t- LATER [#A] write the report\n\t  DEADLINE: <2024-06-01 Sat>\n"
+                    "\t- C# and page#anchor stay #lang #[[big data]]\n")
+    log = tmp_path / "b.jsonl"
+    log.write_text("\n".join(json.dumps(e) for e in [
+        {"ts": "1714557600000", "app": "Chrome", "action": "search", "query": "fado bars", "content": "Top 10"},
+        {"time": 1714557660, "note": "The second one looks good."},
+        {"time": 1714557670, "app": "Chrome", "action": "click", "title": "Book a table", "content": "Booked"},
+        {"time": 1714600000, "note": "just thinking"}]) + "\n")
+    result = read_notes([tmp_path])
+    links, todo, trip = result.conversations
+    assert links["messages"] == qa("What are my notes on Links?", "- See the alias and label and site\n"
+                                   "- Tagged two words inline\n- LATER write the report (deadline: 2024-06-01 Sat)\n"
+                                   "- C# and page#anchor stay")
+    assert links["source"]["line"] == 2 and todo["kind"] == "todo"
+    assert [m.get("content") for m in trip["messages"]] == [
+        "Find information about fado bars.", "", "Top 10", "The second one looks good.", "Booked",
+        "Done: searched for 'fado bars'; click Book a table."]
+    assert trip["messages"][3]["tool_calls"][0]["function"]["arguments"] == '{"action": "click", "target": "Book a table"}'
+    assert trip["source"]["start"] == "2024-05-01T10:00:00+00:00"   # epoch milliseconds as a digit string
+    assert trip["tools"][1]["function"]["parameters"]["required"] == ["action"]
+    assert result.skipped == [(f"{log}:4", "session with no actions")]   # reported, not dropped

@@ -393,7 +393,8 @@ NAVIGATION = {"open", "visit", "navigate", "focus", "switch", "activate", "view"
 def _tool(tool: str, description: str, **params: str) -> dict:
     required = [k for k in params if not params[k].startswith("(optional)")]
     return {"type": "function", "function": {"name": tool, "description": description, "parameters": {
-        "type": "object", "properties": {k: {"type": "string", "description": v} for k, v in params.items()},
+        "type": "object", "properties": {k: {"type": "string", "description": v.removeprefix("(optional) ")}
+                                        for k, v in params.items()},
         "required": required}}}
 
 
@@ -585,7 +586,8 @@ def _trajectory(chunk: list[tuple[Event, list]], path: str, skipped: list | None
               "start": evs[0].time.isoformat(), "end": evs[-1].time.isoformat()}
     if not any(calls for _, calls in chunk):
         if skipped is not None:
-            skipped.append((f"{path}:{evs[0].line}-{evs[-1].line}", "session with no actions"))
+            lines = f"{evs[0].line}-{evs[-1].line}" if len(evs) > 1 else str(evs[0].line)
+            skipped.append((f"{path}:{lines}", "session with no actions"))
         return None
     (first_ev, first_calls) = next((ev, calls) for ev, calls in chunk if calls)
     first = next((c for c in first_calls if c[0] != "use_app"), first_calls[0])   # what the event was for
@@ -666,7 +668,7 @@ def read_notes(paths, fmt: str = "auto", skip_bad: bool = False, session_gap: fl
     if fmt not in FORMATS:
         raise ConfigError(f"unknown notes format '{fmt}'; use one of {', '.join(FORMATS)}")
     if session_gap <= 0 or max_steps < 1:
-        raise ConfigError("session_gap must be positive and max_steps at least 1")
+        raise ConfigError(f"the session gap must be positive and max steps at least 1 (got {session_gap} s, {max_steps})")
     result = NotesResult()
     for spec in paths:
         try:
