@@ -259,12 +259,13 @@ def test_skip_bad_counts_every_skip(notes, tmp_path):
 def test_code_blocks_and_front_matter(tmp_path):
     p = tmp_path / "snippets.md"
     p.write_text("---\ntitle: Shell snippets\nlevel: beginner\n---\n# Shell\n- find big files\n  ```\n"
-                 "  du -sh * | sort -h\n  ```\n")
+                 "  # biggest last\n  du -sh * | sort -h\n  ```\n")
     page = parse_outline(p.read_text(), p)
     assert page.title == "Shell snippets"
     convs = by_question(read_notes([p]).conversations)
     assert convs["What is the level of Shell snippets?"]["messages"][1]["content"] == "beginner"
-    assert convs["What are my notes on find big files?"]["messages"][1]["content"] == "- du -sh * | sort -h"
+    assert convs["What are my notes on find big files?"]["messages"][1]["content"] == \
+        "- ```\n  # biggest last\n  du -sh * | sort -h\n  ```"   # code is kept as written, # and * included
 
 
 def test_outline_conversations_load_and_render_through_the_sft_loader(notes, tmp_path, tiny_tokenizer):

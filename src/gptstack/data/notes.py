@@ -62,6 +62,7 @@ class Node:
     term: str = ""                                  # "Term - definition": the term ...
     definition: str = ""                            # ... and the definition
     heading: int = 0
+    code: bool = False                              # fenced code: kept as written
 
 
 @dataclass
@@ -118,7 +119,8 @@ def parse_outline(text: str, path: str | Path) -> Page:
     block: Node | None = None          # where continuation and property lines go
     block_indent = -1
     para: Node | None = None
-    fence: list | None = None
+    fence: list | None = None          # the lines of an open ``` block ...
+    fence_node, fence_indent = Node("", 0), 0   # ... the node they go to, and the fence's indentation
     started = False
     lines = text.splitlines()
     start = 0
@@ -144,14 +146,14 @@ def parse_outline(text: str, path: str | Path) -> Page:
                 fence_node.text = "\n".join(fence)
                 fence = None
             else:
-                fence.append(raw[min(fence_indent, indent):] if stripped else "")
+                fence.append(line[min(fence_indent, indent):] if stripped else "")
             continue
         if not stripped:
             para = None
             continue
         if _FENCE.match(line):
             fence, fence_indent = [], indent
-            fence_node = Node("", lineno)
+            fence_node = Node("", lineno, code=True)
             (block if block is not None and indent > block_indent else container()).children.append(fence_node)
             para = None
             started = True
@@ -273,8 +275,9 @@ def _finish(nodes: list[Node]) -> list[Node]:
         n.children = _finish(n.children)
         n.props = {k: (clean(v)[0], line) for k, (v, line) in n.props.items() if k.lower() not in DROPPED_PROPS}
         raw = n.text
-        if "\n" in raw:   # fenced code stays as written
-            out.append(n)
+        if n.code:
+            if raw.strip():
+                out.append(n)
             continue
         heading = re.match(r"^(#{1,6})\s+(.*)$", raw)   # a Logseq heading block: "- ## Title"
         if heading:
@@ -304,6 +307,8 @@ def _finish(nodes: list[Node]) -> list[Node]:
 
 
 def _label(n: Node) -> str:
+    if n.code:
+        return f"```\n{n.text}\n```"
     props = ", ".join(f"{k}: {v}" for k, (v, _) in n.props.items())
     if not n.text:
         return props
@@ -673,7 +678,7 @@ def read_notes(paths, fmt: str = "auto", skip_bad: bool = False, session_gap: fl
     for spec in paths:
         try:
             files = _files(str(spec))
-        except DataError as e:
+        except DataError:
             if not skip_bad:
                 raise
             result.skipped.append((str(spec), "no notes files"))
