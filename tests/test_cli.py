@@ -70,10 +70,14 @@ def test_every_flag_says_what_it_does_and_lists_its_choices():
 
     sub = build_parser()._actions[-1]
     missing = []
-    for name, parser in sub.choices.items():
+    parsers = list(sub.choices.items())
+    while parsers:                      # nested command groups (`gptstack data notes`) are walked too
+        name, parser = parsers.pop()
         for action in parser._actions:
             if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
                 continue
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {n}", p) for n, p in action.choices.items()]
             text = (action.help or "").split("(default")[0].strip()
             if not text:
                 missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")

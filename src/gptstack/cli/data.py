@@ -24,7 +24,8 @@ def cmd_notes(args) -> None:
 
 def register_data_commands(sub) -> None:
     p = sub.add_parser("data", help="make training data: notes and activity logs -> conversations")
-    data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND",
+                            help="what to read: notes (the only one so far)")
     n = data.add_parser("notes", help="Markdown / Logseq outlines, plain text and activity logs (JSONL) -> "
                                       "conversations JSONL (Q/A pairs and tool-call trajectories); see docs/notes.md")
     n.add_argument("paths", nargs="+", metavar="PATH", help="files or folders (read recursively: .md .markdown "
