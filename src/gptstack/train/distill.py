@@ -78,7 +78,7 @@ class StudentRollouts:
     def __init__(self, cfg: DistillConfig, student, tok, examples, device):
         self.cfg, self.student, self.tok, self.examples, self.device = cfg, student, tok, examples, device
         self.rollouts, self.cursor = 0, 0
-        self.rank, self.world = parallel.sharded_rollouts(cfg)
+        self.rank, self.world = parallel.fsdp_data_split(cfg)
 
     def __iter__(self):
         return self

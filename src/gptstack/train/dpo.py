@@ -18,7 +18,7 @@ from ..config import DPOConfig
 from ..devices import resolve_device
 from ..model.heads import response_logprobs
 from .losses import dpo_loss
-from .parallel import env_rank
+from .parallel import env_rank, fsdp_data_split
 from .loop import Stage, TrainResult, train
 from .reward_model import PairBatches, collate_pairs, split_pairs
 from .rl import frozen_reference, reference_logprobs
@@ -78,8 +78,8 @@ def prepare_dpo(run, cfg: DPOConfig):
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st = encode_pairs(tok, train_pairs, cfg.max_len)
     enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
-    rank, world = env_rank()
-    if rank == 0:
+    rank, world = fsdp_data_split(cfg)
+    if env_rank()[0] == 0:
         print(f"preferences: {len(pairs)} pairs -> {st['kept']} train, {st_val['kept']} held out "
               f"({st['truncated'] + st_val['truncated']} truncated, {st['skipped'] + st_val['skipped']} skipped)")
     batches = PairBatches(enc_train, cfg.batch_size, cfg.seed, device, rank, world)

@@ -86,9 +86,11 @@ def env_rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0) or 0), int(os.environ.get("WORLD_SIZE", 1) or 1)
 
 
-def sharded_rollouts(cfg) -> tuple[int, int]:
-    """(rank, world) over which RL / on-policy distillation split each rollout's rows: FSDP's ranks under
-    torchrun, else (0, 1): under DDP every rank trains on the whole rollout, as before."""
+def fsdp_data_split(cfg) -> tuple[int, int]:
+    """(rank, world) over which reward/DPO pair batches and RL / on-policy distillation rollouts are split:
+    FSDP's ranks under torchrun, else (0, 1). Under DDP every rank keeps the whole batch, as before: DPO's and
+    RL's losses read log-probabilities through the core GPT, past DDP's forward, so DDP would not average
+    their gradients, and ranks with different rows would drift apart."""
     rank, world = env_rank()
     return (rank, world) if getattr(cfg, "parallel", "ddp") == "fsdp" and world > 1 else (0, 1)
 

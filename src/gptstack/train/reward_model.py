@@ -32,7 +32,7 @@ class PairBatches:
     """Endless, resumable batches of preference pairs: 2B right-padded rows (B chosen, then the B rejected),
     `resp_mask` on each final reply (+ its end token), `lengths` for reading rewards at the last token.
 
-    Under torchrun each step draws B x world pairs from one seeded order and rank r takes the r-th B of them:
+    Under FSDP each step draws B x world pairs from one seeded order and rank r takes the r-th B of them:
     ranks see disjoint pairs, and 2 ranks x B pairs are the pairs of one process x 2B. The position is the
     same on every rank (so a run resumes at any world size)."""
 
@@ -124,7 +124,7 @@ def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     from ..data.preference import encode_pairs, load_preferences
     from ..runs import load_trainable_policy
 
-    from .parallel import env_rank
+    from .parallel import env_rank, fsdp_data_split
 
     cfg.validate()
     pairs = load_preferences(cfg.prefs)
@@ -134,8 +134,8 @@ def train_reward(sft_run, cfg: RewardConfig) -> TrainResult:
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_frac, cfg.seed)
     enc_train, st_train = encode_pairs(tok, train_pairs, cfg.max_len)
     enc_val, st_val = encode_pairs(tok, val_pairs, cfg.max_len)
-    rank, world = env_rank()
-    if rank == 0:
+    rank, world = fsdp_data_split(cfg)
+    if env_rank()[0] == 0:
         print(f"preferences: {len(pairs)} pairs -> {st_train['kept']} train, {st_val['kept']} held out "
           f"({st_train['truncated'] + st_val['truncated']} truncated, {st_train['skipped'] + st_val['skipped']} "
               f"skipped: prompt longer than --max-len {cfg.max_len})")

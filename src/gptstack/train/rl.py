@@ -121,7 +121,7 @@ class RolloutBatches:
         self.pending: list[dict] = []
         self._order = self._perm(0)
         self.last_stats: dict = {}
-        self.rank, self.world = parallel.sharded_rollouts(cfg)   # (0, 1) unless FSDP: see _rollout
+        self.rank, self.world = parallel.fsdp_data_split(cfg)   # (0, 1) unless FSDP: see _rollout
 
     @property
     def policy(self):
