@@ -38,6 +38,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -271,6 +272,7 @@ def main(argv=None):
     ap.add_argument("--hf-continuous-batching", action="store_true", help="transformers serve --continuous-batching")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed bench still stops its servers
     levels = [int(x) for x in args.levels.split(",")]
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
