@@ -132,18 +132,19 @@ def _hf_rows(spec: str):
 
 
 # ---- encoding ---------------------------------------------------------------------------------------------
-def encode_conversations(tokenizer, conversations, max_len: int):
+def encode_conversations(tokenizer, conversations, max_len: int, kept: list | None = None):
     """Render each conversation to (ids, mask) with the assistant-only loss mask.
 
     Conversations longer than `max_len` tokens are cut at the end of the last complete assistant turn that
     fits (or hard at `max_len` when even the first reply does not fit), and kept if any trained token
     survives; otherwise skipped. The returned stats count both, for the caller to report.
-    For ChatBatches with seq_len T use max_len = T + 1 (inputs and targets are shifted by one)."""
+    For ChatBatches with seq_len T use max_len = T + 1 (inputs and targets are shifted by one).
+    `kept`, when given, receives the index of each kept conversation (what per-conversation records key on)."""
     if max_len < 2:
         raise ConfigError(f"max_len must be at least 2 tokens, got {max_len}")
     end_id = tokenizer.assistant_end_id
     out, stats = [], {"conversations": 0, "kept": 0, "truncated": 0, "skipped": 0, "tokens": 0, "trained_tokens": 0}
-    for conv in conversations:
+    for index, conv in enumerate(conversations):
         stats["conversations"] += 1
         ids, mask = tokenizer.render_conversation(conv)
         if len(ids) > max_len:
@@ -155,6 +156,8 @@ def encode_conversations(tokenizer, conversations, max_len: int):
                 continue
             stats["truncated"] += 1
         out.append((ids, mask))
+        if kept is not None:
+            kept.append(index)
         stats["kept"] += 1
         stats["tokens"] += len(ids)
         stats["trained_tokens"] += sum(mask)
@@ -163,7 +166,8 @@ def encode_conversations(tokenizer, conversations, max_len: int):
 
 # ---- batches ----------------------------------------------------------------------------------------------
 class ChatBatches:
-    """Endless iterator of SFT batches: (B, T) input_ids / targets (-1 = no loss) / position_ids / doc_ids.
+    """Endless iterator of SFT batches: (B, T) input_ids / targets (-1 = no loss) / position_ids / doc_ids /
+    example_ids (the index into `encoded` at each position, -1 for padding: per-conversation records read it).
 
     Each epoch visits every conversation once in a seeded order; rank r of `world` takes every world-th one,
     so ranks see disjoint data. With `pack`, rows are filled first-fit from a look-ahead buffer of the next
@@ -212,13 +216,13 @@ class ChatBatches:
                 self.epoch, self.cursor = self.epoch + 1, 0
                 self._order = self._epoch_order(self.epoch)
 
-    def _take(self, room: int) -> tuple[list[int], list[int]] | None:
-        """Remove and return the first buffered conversation that fits in `room` positions."""
+    def _take(self, room: int) -> tuple[int, tuple[list[int], list[int]]] | None:
+        """Remove and return (index, conversation) of the first buffered one that fits in `room` positions."""
         self._refill()
         for j, idx in enumerate(self.buffer):
             if len(self.encoded[idx][0]) - 1 <= room:
                 del self.buffer[j]
-                return self.encoded[idx]
+                return idx, self.encoded[idx]
         return None
 
     def __iter__(self):
@@ -230,19 +234,22 @@ class ChatBatches:
         targets = torch.full((B, T), -1, dtype=torch.long)
         positions = torch.zeros((B, T), dtype=torch.long)
         docs = torch.full((B, T), -1, dtype=torch.long)
+        examples = torch.full((B, T), -1, dtype=torch.long)
         for row in range(B):
             used, doc = 0, 0
             while (item := self._take(T - used)) is not None:
-                ids, mask = item
+                idx, (ids, mask) = item
                 n = len(ids) - 1  # positions a conversation occupies: inputs ids[:-1] predict ids[1:]
                 inputs[row, used:used + n] = torch.tensor(ids[:-1])
                 targets[row, used:used + n] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
                 positions[row, used:used + n] = torch.arange(n)
                 docs[row, used:used + n] = doc
+                examples[row, used:used + n] = idx
                 used, doc = used + n, doc + 1
                 if not self.pack:
                     break
-        batch = {"input_ids": inputs, "targets": targets, "position_ids": positions, "doc_ids": docs}
+        batch = {"input_ids": inputs, "targets": targets, "position_ids": positions, "doc_ids": docs,
+                 "example_ids": examples}
         return {k: v.to(self.device) for k, v in batch.items()}
 
     @property
