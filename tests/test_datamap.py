@@ -63,11 +63,11 @@ def test_curriculum_orders_are_permutations_in_order():
 
     d = [0.5, 0.1, 0.9, 0.1, 0.3]
     assert curriculum_order(d, "center-out") == [1, 3, 4, 0, 2]
-    assert curriculum_order(d, "outside-in") == [2, 0, 4, 3, 1]
+    assert curriculum_order(d, "outside-in") == [2, 0, 4, 1, 3]   # farthest first, ties by index
     r = curriculum_order(d, "random", seed=3)
     assert sorted(r) == list(range(5)) and r == curriculum_order(d, "random", seed=3)
-    with pytest.raises(ConfigError, match="cartography"):
-        curriculum_order(d, "easy-first")
+    assert curriculum_order(d, "easy-first") == [2, 0, 4, 1, 3]     # keys are confidences here
+    assert curriculum_order(d, "hard-first") == [1, 3, 4, 0, 2]
     with pytest.raises(ConfigError, match="unknown --order"):
         curriculum_order(d, "sideways")
 
@@ -95,9 +95,9 @@ def test_chat_batches_follow_a_curriculum_every_epoch():
         ChatBatches(encoded, 1, 16, seed=0, order=[0, 0, 1, 2, 3, 4])
 
 
-def test_sft_refuses_an_unbuilt_order_before_loading_anything():
+def test_sft_refuses_a_confidence_order_without_a_cartography_file_before_loading_anything():
     from gptstack.config import SFTConfig
     from gptstack.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="cartography"):
+    with pytest.raises(ConfigError, match="--cartography-from"):
         SFTConfig(order="easy-first", seq_len=64).validate()

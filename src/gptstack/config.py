@@ -237,9 +237,17 @@ class SFTConfig(LoraOptions, TrainConfig):
     val_conversations: int = opt(280, "conversations held out for the periodic masked val loss (tasks: from the "
                                       "test split)")
     pack: bool = opt(True, "pack several conversations per row (measured 2.0x the trained tokens/s of padding)")
-    order: str = opt("random", "the curriculum: random (a fresh shuffle each epoch), or the data map's order every "
-                               "epoch, center-out (nearest the MiniLM embedding centroid first) or outside-in; "
-                               "easy-first / hard-first need a cartography map (not built yet)", CURRICULA)
+    order: str = opt("random", "the curriculum: random (a fresh shuffle each epoch), or one fixed order every "
+                               "epoch: center-out (nearest the MiniLM embedding centroid first), outside-in, "
+                               "easy-first (highest cartography confidence first) or hard-first (lowest first; "
+                               "both need --cartography-from)", CURRICULA)
+    cartography: bool = opt(False, "record each conversation's training dynamics (confidence, variability, "
+                                   "correctness over epochs) from the loss the step already computes, into "
+                                   "RUN/cartography.jsonl; draw it with 'gptstack datamap --cartography RUN'")
+    cartography_from: str = opt("", "with --order easy-first/hard-first: a run trained with --cartography on the "
+                                    "same data (or its cartography.jsonl)")
+    kl_to_base: float = opt(0.0, "beta: add beta * KL(policy || starting model) on the assistant tokens to the "
+                                 "cross-entropy, anchoring SFT to the base's distribution (0: plain SFT)")
     lora_train_specials: bool = opt(True, "with --lora: also train the embedding and head rows of the chat special "
                                           "tokens (a young base has never seen them)")
     qlora: bool = opt(False, "LoRA on a 4-bit (nf4) base through bitsandbytes; implies --lora")
@@ -265,9 +273,14 @@ class SFTConfig(LoraOptions, TrainConfig):
             raise ConfigError(f"--examples-per-task must be at least 1, got {self.examples_per_task}")
         if self.max_examples < 0 or self.val_conversations < 0:
             raise ConfigError("--max-examples and --val-conversations cannot be negative")
-        if self.order in ("easy-first", "hard-first"):
-            raise ConfigError(f"--order {self.order} follows a training-dynamics (cartography) map, which is not "
-                              "built yet; use center-out, outside-in or random")
+        by_confidence = self.order in ("easy-first", "hard-first")
+        if by_confidence and not self.cartography_from:
+            raise ConfigError(f"--order {self.order} follows a cartography map's confidence: give --cartography-from "
+                              "RUN (a run trained with --cartography on this data)")
+        if self.cartography_from and not by_confidence:
+            raise ConfigError("--cartography-from is read only by --order easy-first or hard-first")
+        if not 0 <= self.kl_to_base < float("inf"):   # NaN fails this too
+            raise ConfigError(f"--kl-to-base must be a finite beta >= 0, got {self.kl_to_base}")
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""`gptstack datamap DATA --out DIR`: the SFT data set as a map (data/datamap.py)."""
+"""`gptstack datamap DATA --out DIR`: the SFT data set as a map (data/datamap.py); `gptstack datamap
+--cartography RUN --out DIR`: the training-dynamics map of a run trained with `sft --cartography`."""
 
 from __future__ import annotations
 
@@ -23,6 +24,12 @@ def load_labelled(data: str, tasks: str, examples_per_task: int, max_examples: i
 
 
 def cmd_datamap(args) -> None:
+    from ..errors import ConfigError
+
+    if bool(args.data) == bool(args.cartography):
+        raise ConfigError("give either DATA (the embedding map) or --cartography RUN (the training-dynamics map)")
+    if args.cartography:
+        return cmd_cartography_map(args)
     from ..data.datamap import build_map, write_map
 
     convs, labels = load_labelled(args.data, args.tasks, args.examples_per_task, args.max_examples, args.seed)
@@ -32,10 +39,26 @@ def cmd_datamap(args) -> None:
           f"embeddings -> {paths['html']} (and map.png, points.jsonl)")
 
 
+def cmd_cartography_map(args) -> None:
+    from ..data.cartography import cartography_points, read_cartography
+    from ..data.datamap import write_cartography_map
+
+    header, records = read_cartography(args.cartography)
+    points, info = cartography_points(header, records)
+    paths = write_cartography_map(points, info, args.out, title=f"data cartography of {args.cartography}")
+    seen = sum(r["epochs"] > 0 for r in records)
+    print(f"{seen} of {len(records)} conversations trained on -> {paths['html']} (and cartography.png)")
+
+
 def register_datamap_commands(sub) -> None:
     p = sub.add_parser("datamap", help="embed every conversation of an SFT data set and draw it in 2-D (t-SNE; "
-                                       "UMAP if installed): map.png, an interactive map.html, points.jsonl")
-    p.add_argument("data", help="'tasks' (the task mixture) or conversation files (.jsonl/.json, comma-separated)")
+                                       "UMAP if installed): map.png, an interactive map.html, points.jsonl; "
+                                       "or, with --cartography RUN, its training-dynamics map")
+    p.add_argument("data", nargs="?", default="", help="'tasks' (the task mixture) or conversation files "
+                   "(.jsonl/.json, comma-separated)")
+    p.add_argument("--cartography", default="", metavar="RUN", help="instead of DATA: a run trained with 'sft "
+                   "--cartography' (or its cartography.jsonl); draws confidence against variability with "
+                   "easy / ambiguous / hard regions: cartography.png, cartography.html")
     p.add_argument("--out", required=True, help="the directory to write the map into")
     p.add_argument("--embedder", default="minilm", help="minilm (the packaged sentence model) or a run directory "
                    "(its mean final hidden states) (default: %(default)s)")

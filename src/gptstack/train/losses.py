@@ -8,6 +8,7 @@
     k3_kl                the k3 estimator of KL(π || π_ref) per token (always >= 0, unbiased)
     group_advantages     GRPO: rewards normalised within each prompt's group of samples
     masked_mean          mean over the positions a mask marks
+    anchored_ce          SFT's cross-entropy, optionally + β KL(π || base) on the trained tokens
 
 Masks are float or bool (B, T) tensors: 1 on response tokens, 0 on prompt and padding.
 """
@@ -133,3 +134,21 @@ def reverse_kl_per_token(student_logits: torch.Tensor, teacher_logits: torch.Ten
     ls = torch.log_softmax(student_logits.float(), dim=-1)
     lt = torch.log_softmax(teacher_logits.float(), dim=-1)
     return (ls.exp() * (ls - lt)).sum(-1)
+
+
+def anchored_ce(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None,
+                beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """KL-anchored SFT on (N, V) logits at the N trained positions:
+
+        loss = mean_t [-log π(y_t)] + β · mean_t KL(π_t || base_t)      (the KL exact, over the whole vocabulary)
+
+    Returns (loss, per-token log π(y_t) (N,), the mean KL or None without a base). β = 0 or no base is plain
+    SFT's cross-entropy; the per-token log-probabilities are what dataset cartography records."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    token_logp = logp.gather(1, targets[:, None]).squeeze(1)
+    loss = -token_logp.mean()
+    if base_logits is None:
+        return loss, token_logp, None
+    base_logp = torch.log_softmax(base_logits.float(), dim=-1)
+    kl = (logp.exp() * (logp - base_logp)).sum(-1).mean()
+    return loss + beta * kl, token_logp, kl
