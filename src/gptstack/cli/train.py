@@ -118,7 +118,7 @@ def cmd_tasks(args) -> None:
     from ..data.tasks import get_task, list_tasks
 
     if args.action == "list":
-        for name in list_tasks():
+        for name in list_tasks(opt_in=True):   # opt-in tasks (the tool tasks) are used only when named
             print(f"{name:<20} {get_task(name).DESCRIPTION}")
         return
     if not args.name:
@@ -128,9 +128,11 @@ def cmd_tasks(args) -> None:
     if args.action == "show":
         print(f"{task.NAME}: {task.DESCRIPTION}")
         for e in examples:
-            print("\n" + "\n".join(f"[{m['role']}] {m['content']}" for m in e.messages) + f"\n(answer: {e.answer})")
+            print("\n" + "\n".join(f"[{m['role']}] {m['content']}" + "".join(
+                f"<call {c['function']['name']}({c['function']['arguments']})>" for c in m.get("tool_calls") or ())
+                for m in e.messages) + f"\n(answer: {e.answer})")
         return
-    lines = "".join(json.dumps({"messages": e.messages, "answer": e.answer, "task": e.task}) + "\n" for e in examples)
+    lines = "".join(json.dumps({**e.conversation(), "answer": e.answer, "task": e.task}) + "\n" for e in examples)
     if args.out in (None, "-"):
         sys.stdout.write(lines)
     else:

@@ -4,10 +4,13 @@ Each task is one module in this package (its file name not starting with '_') ex
 
     NAME: str, DESCRIPTION: str
     generate(split, n, seed=0) -> list[Example]   split in {"train", "test"}, disjoint by content
+    OPT_IN: bool (optional)                       True: left out of 'all', used only when named
     extract(completion) -> str | None             the final answer in a reply (for voting), None if absent
     check(example, completion) -> float           reward in [0, 1]
 
-Modules are discovered at import, so adding a task is adding one file. Splits are decided by a hash of each
+Modules are discovered at import, so adding a task is adding one file. A task that needs tools (tool_*.py)
+is OPT_IN: 'all', the default mixture, means the tasks a plain chat model can learn, and a tool task joins a
+mixture only when named ('all,tool_multiply'). Splits are decided by a hash of each
 example's content (see `_common.split_of`), so the same question can never appear in both.
 """
 
@@ -29,12 +32,20 @@ class Example:
     messages: list[dict]  # the whole conversation, ending in the reference assistant answer
     answer: str           # what extract() returns for a correct reply
     meta: dict = field(default_factory=dict)
+    tools: list = field(default_factory=list)   # OpenAI function schemas the conversation may call
 
     def prompt_messages(self) -> list[dict]:
-        """The conversation up to (not including) the final assistant turn: what a model is asked."""
-        if self.messages and self.messages[-1]["role"] == "assistant":
-            return [dict(m) for m in self.messages[:-1]]
-        return [dict(m) for m in self.messages]
+        """The conversation up to and including the last user turn: what a model is asked. Everything after it
+        (tool calls, tool results, the final answer) is the model's to produce; for a one-reply conversation
+        that is the conversation without its final assistant turn."""
+        last_user = max((i for i, m in enumerate(self.messages) if m["role"] == "user"), default=-1)
+        if last_user < 0:
+            return [dict(m) for m in self.messages]
+        return [dict(m) for m in self.messages[:last_user + 1]]
+
+    def conversation(self) -> dict:
+        """The conversation as a JSONL record in OpenAI's convention: messages, and tools when it has any."""
+        return {"messages": self.messages, **({"tools": self.tools} if self.tools else {})}
 
     def reference(self) -> str:
         return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
@@ -68,8 +79,9 @@ def _discover() -> dict[str, ModuleType]:
 TASKS: dict[str, ModuleType] = _discover()
 
 
-def list_tasks() -> list[str]:
-    return list(TASKS)
+def list_tasks(opt_in: bool = False) -> list[str]:
+    """The tasks 'all' stands for; with opt_in, also those used only when named (the tool tasks)."""
+    return [name for name, module in TASKS.items() if opt_in or not getattr(module, "OPT_IN", False)]
 
 
 def get_task(name: str) -> ModuleType:
