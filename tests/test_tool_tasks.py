@@ -112,3 +112,85 @@ def test_tool_facts_world_is_its_own():
     ours = {e.name for e in facts.world(tool_facts.TOOL_WORLD)}
     theirs = {e.name for e in facts.world(0)}
     assert len(ours) == facts.N_COUNTRIES + facts.N_PEOPLE and not ours & theirs
+
+
+# ---- eval/tools.py --------------------------------------------------------------------------------------
+
+def test_call_validity_names_what_is_wrong():
+    from gptstack.eval.tools import call_problem, call_validity
+
+    offered = [tools.CALCULATOR_SCHEMA, tool_facts.search_schema()]
+
+    def call(name, arguments):
+        return {"id": "c", "type": "function", "function": {"name": name, "arguments": arguments}}
+
+    good = [call("calculator", '{"expression": "2 * 3"}'), call("search", '{"query": "Droushia"}')]
+    assert [call_problem(c, offered) for c in good] == [None, None]
+    assert call_problem(call("python", "{}"), offered) == "unknown tool 'python'"
+    assert call_problem(call("calculator", '{"expression": "2 *'), offered) == "arguments are not JSON"
+    assert call_problem(call("calculator", '["2 * 3"]'), offered) == "arguments are not a JSON object"
+    assert call_problem(call("calculator", '{"expr": "2"}'), offered).startswith("arguments do not match")
+    assert call_problem(call("calculator", '{"expression": 6}'), offered).startswith("arguments do not match")
+    assert call_problem({"id": "c"}, offered) == "not a function call"
+    v = call_validity(good + [call("calculator", "{"), call("calculator", "{}")], offered)
+    assert (v["calls"], v["valid"], v["rate"]) == (4, 2, 0.5)
+    assert v["problems"] == {"arguments are not JSON": 1, "arguments do not match the schema": 1}
+    assert call_validity([], offered)["rate"] is None
+
+
+def test_paired_sign_test():
+    from gptstack.eval.tools import paired, sign_test
+
+    assert sign_test(0, 0) == 1.0 and sign_test(5, 5) == 1.0
+    assert sign_test(10, 0) == pytest.approx(2 / 1024)        # 2 * 0.5**10
+    assert sign_test(3, 1) == pytest.approx(2 * 5 / 16)         # 2 * P(X <= 1), X ~ Bin(4, 1/2)
+    r = paired([1, 1, 0, 0, 1], [0, 1, 0, 1, 0])
+    assert (r["a"], r["b"], r["only_a"], r["only_b"], r["n"]) == (3, 2, 2, 1, 5)
+    from gptstack.errors import ConfigError
+    with pytest.raises(ConfigError, match="same problems"):
+        paired([1, 0], [1])
+
+
+def test_tool_spec_builds_a_search_index_that_answers(tmp_path):
+    from gptstack.errors import ConfigError
+    from gptstack.eval.tools import tool_spec
+
+    assert tool_spec("tool_multiply", tmp_path) == "calculator"
+    spec = tool_spec("tool_facts", tmp_path)
+    assert spec == f"search:{tmp_path / 'tool_facts_index'}"
+    index = retrieval.Index.load(spec.split(":", 1)[1])
+    ex = tool_facts.generate("test", 1, seed=5)[0]
+    assert index.search(ex.meta["question"], k=1)[0][1].source == ex.meta["source"]
+    stamp = (tmp_path / "tool_facts_index" / "meta.json").stat().st_mtime_ns
+    assert tool_spec("tool_facts", tmp_path) == spec           # same documents: the index is kept
+    assert (tmp_path / "tool_facts_index" / "meta.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="uses no tools"):
+        tool_spec("spelling", tmp_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from gptstack.data.tasks import generate_mixture
+    from gptstack.model.gpt import GPT, GPTConfig
+    from gptstack.tokenizer import Tokenizer
+
+    texts = [m["content"] for e in generate_mixture("tool_multiply,tool_facts", "train", 30, 0) for m in e.messages]
+    tok = Tokenizer.train(texts * 3, vocab_size=300)
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_embd=32, n_head=2, n_kv_head=2, mlp_hidden=64,
+                          seq_len=128))
+    model.init_weights(0)
+    return model.eval(), tok
+
+
+def test_no_tools_arm_scores_the_question_alone(tiny_model):
+    from gptstack.errors import ConfigError
+    from gptstack.eval.tools import evaluate_tool_tasks, format_tool_table
+
+    model, tok = tiny_model
+    r = evaluate_tool_tasks(model, tok, "tool_multiply,tool_facts", n=3, arms=("no_tools",), max_tokens=4)
+    assert list(r["tasks"]) == ["tool_multiply", "tool_facts"]
+    for task in r["tasks"]:
+        assert len(r["scores"][task]["no_tools"]) == 3 and r["tasks"][task]["no_tools"] == 0.0  # untrained
+    assert "tool_multiply" in format_tool_table(r)
+    with pytest.raises(ConfigError, match="unknown tool-eval arm"):
+        evaluate_tool_tasks(model, tok, "tool_multiply", n=1, arms=("oracle",))

@@ -32,6 +32,7 @@ from ._common import check_args, collect, rng_for, split_of
 NAME = "tool_facts"
 DESCRIPTION = "questions about invented entities answered by calling the search tool over their documents (opt-in)"
 OPT_IN = True
+TOOL_SPEC = "search"   # search over this task's documents(); eval.tools builds their index
 TOOL_WORLD = 16        # the world seed: other entities than the `facts` task's world 0
 TEST_EVERY = 4         # a quarter of the entities: ~200 entities, ~500 distinct held-out questions
 SOURCE_PREFIX = "tool_facts/"
