@@ -194,3 +194,5 @@ def test_no_tools_arm_scores_the_question_alone(tiny_model):
     assert "tool_multiply" in format_tool_table(r)
     with pytest.raises(ConfigError, match="unknown tool-eval arm"):
         evaluate_tool_tasks(model, tok, "tool_multiply", n=1, arms=("oracle",))
+    with pytest.raises(ConfigError, match="spelling use no tools"):
+        evaluate_tool_tasks(model, tok, "spelling,tool_multiply", n=1, arms=("no_tools",))

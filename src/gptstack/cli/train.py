@@ -101,11 +101,22 @@ def cmd_eval(args) -> None:
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     model, tok, _ = load_model(args.run, resolve_device(args.device))
-    result = evaluate_tasks(model, tok, args.tasks, args.n_examples, modes=modes, seed=args.seed,
-                            temperature=args.temperature, samples=args.samples, batch_size=args.batch_size,
-                            max_tokens=args.max_new_tokens, progress=not args.quiet)
+    if args.tools:   # the tool tasks, with and without their tools (eval/tools.py)
+        from ..eval.tools import evaluate_tool_tasks, format_tool_table
+
+        arms = [a.strip() for a in args.tools.split(",") if a.strip()]
+        result = evaluate_tool_tasks(model, tok, args.tasks, args.n_examples, arms=arms, seed=args.seed,
+                                     max_steps=args.max_steps, max_tokens=args.max_new_tokens,
+                                     workdir=args.tool_dir, progress=not args.quiet)
+        title = f"tool-task accuracy of {args.run} (test split)"
+        text = format_tool_table(result, title=title)
+    else:
+        result = evaluate_tasks(model, tok, args.tasks, args.n_examples, modes=modes, seed=args.seed,
+                                temperature=args.temperature, samples=args.samples, batch_size=args.batch_size,
+                                max_tokens=args.max_new_tokens, progress=not args.quiet)
+        text = format_table(result, title=f"task accuracy of {args.run} (test split)")
     result["run"] = args.run
-    print(format_table(result, title=f"task accuracy of {args.run} (test split)"))
+    print(text)
     if args.json:
         from pathlib import Path
 
@@ -192,6 +203,11 @@ def register_train_commands(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the full result (with example completions) here")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--tools", default=None, metavar="ARMS",
+                   help="evaluate tool tasks (--tasks tool_multiply,tool_facts) under these comma-separated arms: "
+                        "no_tools, tools (agent loop, constrained calls), tools_unconstrained")
+    p.add_argument("--max-steps", type=int, default=4, help="with --tools: model turns per problem in the agent loop")
+    p.add_argument("--tool-dir", default="runs/tool_eval", help="with --tools: where the search index of tool_facts is built")
     p.set_defaults(func=cmd_eval)
     _register_align_commands(sub)
 

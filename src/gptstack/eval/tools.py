@@ -167,6 +167,10 @@ def evaluate_tool_tasks(model, tokenizer, task_names: Sequence[str] | str = "too
                           f"{', '.join(ARMS)}")
     if n < 1:
         raise ConfigError(f"--n-examples must be at least 1, got {n}")
+    untooled = [name for name in names if getattr(get_task(name), "TOOL_SPEC", None) is None]
+    if untooled:
+        raise ConfigError(f"task(s) {', '.join(untooled)} use no tools; name tool tasks, e.g. "
+                          "--tasks tool_multiply,tool_facts")
     engine = Engine(model, tokenizer)
     t0 = time.time()
     out = {"tasks": {}, "validity": {}, "paired": {}, "scores": {}, "n": n, "arms": list(arms)}
