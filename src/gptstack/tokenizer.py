@@ -36,6 +36,25 @@ ROLE_TOKENS = {
     "user": ("<|user_start|>", "<|user_end|>"),
     "assistant": ("<|assistant_start|>", "<|assistant_end|>"),
 }
+MESSAGE_ROLES = (*ROLE_TOKENS, "tool")
+
+# The tool format of our chat (render_conversation / render_prompt with tools=):
+#
+#   <|bos|><|system_start|>[system prompt\n\n]Tools:\n{function schema}\n{function schema}<|system_end|>
+#   <|user_start|>question<|user_end|>
+#   <|assistant_start|>[text]<|python_start|>{"name": "calculator", "arguments": {...}}<|python_end|>
+#                            [<|python_start|>...<|python_end|> for each further call]<|assistant_end|>
+#   <|output_start|>result of the first call<|output_end|><|output_start|>...<|output_end|>
+#   <|assistant_start|>the answer (or more calls)<|assistant_end|>
+#
+# Each tool is its OpenAI `function` object as one line of JSON. A call is one JSON object, name first, then
+# arguments as an object (not the JSON-in-a-string OpenAI sends), with json.dumps' default separators, which
+# is exactly what the tool-call grammar lets a constrained model write. The assistant's turn ends after its
+# calls, so <|assistant_end|> is where generation stops and the tools run; every tool message is an output
+# block (in the order the calls were answered; ids are not shown: the model matches results to calls by
+# position); the assistant then gets a new turn. Trained (mask 1): the assistant's text, its calls with their
+# <|python_*|> tokens, and <|assistant_end|>; never the tool list or the outputs.
+TOOLS_HEADER = "Tools:\n"
 
 # our chat format as a Hugging Face / llama.cpp chat template: it renders what render_prompt and
 # render_conversation produce (tests compare it with apply_chat_template and llama.cpp)
@@ -108,27 +127,48 @@ class Tokenizer:
         return len(text.encode("utf-8")) / max(1, len(ids))
 
     # ---- chat rendering ---------------------------------------------------------------------------
-    def render_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
-        """ids and a loss mask (1 = train on this token) covering exactly the assistant content and its
-        <|assistant_end|>, so the model learns both to answer and to stop."""
+    def render_conversation(self, messages: Sequence[dict], tools: Sequence[dict] | None = None
+                            ) -> tuple[list[int], list[int]]:
+        """ids and a loss mask (1 = train on this token) covering exactly the assistant content, its tool
+        calls and its <|assistant_end|>, so the model learns to answer, to call and to stop; the tool list
+        and the tool results are context, never trained (see the tool format in `render_tools`)."""
         validate_messages(messages)
-        ids, mask = [self.bos_id], [0]
-        for m in messages:
-            start, end = ROLE_TOKENS[m["role"]]
-            body = self.encode(m["content"])
-            train = 1 if m["role"] == "assistant" else 0
-            ids += [self.special_ids[start]] + body + [self.special_ids[end]]
-            mask += [0] + [train] * len(body) + [train]
-        return ids, mask
+        return self._render(messages, tools, prompt=False)
 
-    def render_prompt(self, messages: Sequence[dict]) -> list[int]:
-        """ids of a conversation ending in <|assistant_start|>, ready for the model to write the next reply."""
+    def render_prompt(self, messages: Sequence[dict], tools: Sequence[dict] | None = None) -> list[int]:
+        """ids of a conversation ending in <|assistant_start|>, ready for the model to write the next reply
+        (or, after tool results, to go on from them)."""
         validate_messages(messages, need_assistant=False)
-        ids = [self.bos_id]
+        ids, _ = self._render(messages, tools, prompt=True)
+        return ids
+
+    def _render(self, messages, tools, prompt: bool) -> tuple[list[int], list[int]]:
+        S = self.special_ids
+        tools = check_tools(tools)
+        ids, mask = [self.bos_id], [0]
+        if tools and messages[0]["role"] != "system":   # the tool list needs a system turn to live in
+            messages = [{"role": "system", "content": ""}, *messages]
         for m in messages:
-            start, end = ROLE_TOKENS[m["role"]]
-            ids += [self.special_ids[start]] + self.encode(m["content"]) + [self.special_ids[end]]
-        return ids + [self.special_ids["<|assistant_start|>"]]
+            role = m["role"]
+            if role == "tool":
+                body = self.encode(m["content"])
+                ids += [S["<|output_start|>"]] + body + [S["<|output_end|>"]]
+                mask += [0] * (len(body) + 2)
+                continue
+            start, end = ROLE_TOKENS[role]
+            if role == "system":
+                body = self.encode(system_with_tools(m["content"], tools))
+            else:
+                body = self.encode(m["content"])
+                for call in m.get("tool_calls") or ():
+                    body += [S["<|python_start|>"]] + self.encode(call_text(call)) + [S["<|python_end|>"]]
+            train = 1 if role == "assistant" else 0
+            ids += [S[start]] + body + [S[end]]
+            mask += [0] + [train] * len(body) + [train]
+        if prompt:
+            ids.append(S["<|assistant_start|>"])
+            mask.append(0)
+        return ids, mask
 
     # ---- persistence ------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -199,23 +239,118 @@ class Tokenizer:
 
 
 def validate_messages(messages: Sequence[dict], need_assistant: bool = True) -> None:
-    """Conversations: optional system first, then user/assistant alternating, starting with user."""
+    """Conversations in OpenAI's convention: optional system first, then user/assistant alternating, starting
+    with user. An assistant message may carry `tool_calls` ([{"id", "type": "function", "function": {"name",
+    "arguments": JSON text}}]); each call is answered, right after that message and in any order, by a
+    `tool` message (`tool_call_id` naming it; without one, calls are answered in order), and the assistant
+    then goes on (more calls, or its answer)."""
     if not messages:
         raise DataError("conversation has no messages")
     roles = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in ROLE_TOKENS \
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in MESSAGE_ROLES \
                 or not isinstance(m.get("content"), str):
-            raise DataError(f"message {i} must be an object with role system|user|assistant and string content")
+            raise DataError(f"message {i} must be an object with role system|user|assistant|tool and string content")
+        if m.get("tool_calls") is not None:
+            if m["role"] != "assistant":
+                raise DataError(f"message {i}: only assistant messages carry tool_calls (this one is {m['role']})")
+            check_tool_calls(m["tool_calls"], f"message {i}")
+        if m["role"] == "tool" and not isinstance(m.get("tool_call_id", ""), str):
+            raise DataError(f"message {i}: tool_call_id must be a string")
         roles.append(m["role"])
-    body = roles[1:] if roles[0] == "system" else roles
-    if "system" in body:
+    first = 1 if roles[0] == "system" else 0
+    if "system" in roles[first:]:
         raise DataError("a system message may only come first")
-    for i, r in enumerate(body):
-        if r != ("user" if i % 2 == 0 else "assistant"):
+    expected, pending = "user", []   # pending: ids of the calls still waiting for their results
+    for i in range(first, len(messages)):
+        m, role = messages[i], roles[i]
+        if pending:
+            if role != "tool":
+                raise DataError(f"message {i}: {len(pending)} tool call(s) of the assistant have no result (a 'tool' "
+                                "message must answer each call before the conversation goes on)")
+            call_id = m.get("tool_call_id")
+            if call_id:
+                if call_id not in pending:
+                    raise DataError(f"message {i}: tool_call_id {call_id!r} names no pending call of the assistant "
+                                    f"(pending: {', '.join(repr(p) for p in pending)})")
+                pending.remove(call_id)
+            else:
+                pending.pop(0)
+            continue
+        if role == "tool":
+            raise DataError(f"message {i}: a tool result without a preceding assistant tool call")
+        if role != expected:
             raise DataError(f"roles out of order: expected user/assistant alternating from a user turn, got {roles}")
-    if need_assistant and "assistant" not in body:
+        if role == "assistant" and m.get("tool_calls"):
+            pending = [c.get("id") or f"#{j}" for j, c in enumerate(m["tool_calls"])]
+            expected = "assistant"   # after the results, the assistant goes on
+        else:
+            expected = "assistant" if role == "user" else "user"
+    if pending:
+        raise DataError(f"the conversation ends with {len(pending)} tool call(s) that have no result")
+    if need_assistant and "assistant" not in roles:
         raise DataError("conversation has no assistant turn: nothing to train on")
+
+
+def check_tool_calls(calls, where: str) -> None:
+    """An assistant message's `tool_calls` in OpenAI's shape, with arguments that parse as a JSON object."""
+    if not isinstance(calls, list):
+        raise DataError(f"{where}: tool_calls must be a list")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"{where}: tool_calls[{j}] must be {{\"type\": \"function\", \"function\": "
+                            "{\"name\": ..., \"arguments\": ...}}")
+        args = fn.get("arguments", "{}")
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: tool_calls[{j}] ({fn['name']}) arguments are not JSON ({e.msg} at "
+                                f"column {e.colno})") from None
+        if not isinstance(args, dict):
+            raise DataError(f"{where}: tool_calls[{j}] ({fn['name']}) arguments must be a JSON object")
+
+
+def call_arguments(call: dict) -> dict:
+    """A (checked) tool call's arguments as a dict: OpenAI sends them as JSON text."""
+    args = call["function"].get("arguments", "{}")
+    return json.loads(args) if isinstance(args, str) else dict(args)
+
+
+def call_text(call: dict) -> str:
+    """What the model writes between <|python_start|> and <|python_end|> for one call: the JSON the tool-call
+    grammar (infer.constrained.tool_call_grammar) produces, with the same separators."""
+    return json.dumps({"name": call["function"]["name"], "arguments": call_arguments(call)}, ensure_ascii=False)
+
+
+def check_tools(tools) -> list[dict]:
+    """A request's `tools` (OpenAI function schemas) checked: [] when there are none."""
+    if not tools:
+        return []
+    if not isinstance(tools, (list, tuple)):
+        raise DataError("tools must be a list of {\"type\": \"function\", \"function\": {...}} objects")
+    names = set()
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict) \
+                or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise DataError(f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\": ..., "
+                            "\"parameters\": {...}}}")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise DataError(f"tools[{i}] ({fn['name']}): parameters must be a JSON schema object")
+        if fn["name"] in names:
+            raise DataError(f"tools[{i}]: two tools are named {fn['name']!r}")
+        names.add(fn["name"])
+    return list(tools)
+
+
+def system_with_tools(system: str, tools: Sequence[dict]) -> str:
+    """The system turn's text: the system prompt, then (when tools are offered) the tool list."""
+    if not tools:
+        return system
+    listing = TOOLS_HEADER + "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    return system + "\n\n" + listing if system else listing
 
 
 def _split_by_lower_ranks(ranks: dict[bytes, int], token: bytes, max_rank: int) -> tuple[bytes, bytes]:

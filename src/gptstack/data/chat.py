@@ -1,6 +1,11 @@
 """Conversations for SFT: loading (messages JSONL, alpaca, Hugging Face), encoding with an assistant-only loss
 mask, and packed, resumable, rank-sharded batches.
 
+Tool use is read in OpenAI's convention: a record's `tools` (function schemas), `tool_calls` on assistant
+messages (`function.name`, `function.arguments` as JSON text) and `role: tool` results with `tool_call_id`.
+A loaded conversation is a `Conversation`: its messages, and the tools it offers in `.tools`, which the
+tokenizer renders into the system turn (the loss covers the calls, never the tool list or the results).
+
 Packing puts several conversations in one row. They must not see each other, so every batch carries
 `doc_ids` (which conversation each position belongs to, -1 for padding) and `position_ids` (restarting at 0
 per conversation); `block_causal_mask(doc_ids)` turns them into the attention mask.
@@ -15,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from ..tokenizer import validate_messages
+from ..tokenizer import check_tools, validate_messages
 
 # Role names other conventions use (ShareGPT "human"/"gpt", Gemini "model").
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
@@ -23,10 +28,21 @@ CANONICAL_FIELDS = ("messages", "role", "content", "instruction", "input", "outp
 
 
 # ---- loading ----------------------------------------------------------------------------------------------
-def _content(value) -> str:
-    """OpenAI content may be a list of parts; text parts are joined, anything else is an error."""
+class Conversation(list):
+    """A conversation's messages (it is the list) and the tools it offers (`tools`, [] for none)."""
+
+    def __init__(self, messages=(), tools=None):
+        super().__init__(messages)
+        self.tools = list(tools or [])
+
+
+def _content(value, tool_calls: bool = False) -> str:
+    """OpenAI content may be a list of parts; text parts are joined, anything else is an error. An assistant
+    message that only calls tools may have null content."""
     if isinstance(value, str):
         return value
+    if value is None and tool_calls:
+        return ""
     if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
         return "".join(str(p.get("text", "")) for p in value)
     raise DataError("message content must be a string (or a list of text parts)")
@@ -43,13 +59,22 @@ def _to_messages(row: dict, fm: dict) -> list[dict]:
             raise DataError(f"'{fm['messages']}' must be a list of messages")
         messages = []
         for i, m in enumerate(raw):
-            if not isinstance(m, dict) or fm["role"] not in m or fm["content"] not in m:
+            calls = m.get("tool_calls") if isinstance(m, dict) else None
+            if not isinstance(m, dict) or fm["role"] not in m or (fm["content"] not in m and not calls):
                 raise DataError(f"message {i} needs '{fm['role']}' and '{fm['content']}' fields")
             role = m[fm["role"]]
             if not isinstance(role, str):
                 raise DataError(f"message {i} has a non-string role {role!r}")
             role = roles.get(role, role)
-            messages.append({"role": role, "content": _content(m[fm["content"]])})
+            try:
+                message = {"role": role, "content": _content(m.get(fm["content"]), bool(calls))}
+            except DataError as e:
+                raise DataError(f"message {i}: {e}") from None
+            if calls:
+                message["tool_calls"] = calls
+            if role == "tool" and "tool_call_id" in m:
+                message["tool_call_id"] = m["tool_call_id"]
+            messages.append(message)
     elif fm["instruction"] in row and fm["output"] in row:
         instruction, extra = row[fm["instruction"]], row.get(fm["input"]) or ""
         if not isinstance(instruction, str) or not isinstance(extra, str) or not isinstance(row[fm["output"]], str):
@@ -59,8 +84,8 @@ def _to_messages(row: dict, fm: dict) -> list[dict]:
     else:
         raise DataError(f"expected a '{fm['messages']}' list or alpaca '{fm['instruction']}'/'{fm['output']}' "
                         f"fields, got keys {sorted(row)[:8]}")
-    validate_messages(messages)  # raises DataError: no assistant turn, roles out of order, ...
-    return messages
+    validate_messages(messages)  # raises DataError: no assistant turn, roles out of order, a tool result without a call, ...
+    return Conversation(messages, check_tools(row.get("tools")))
 
 
 def _field_map(field_map: dict | None) -> dict:
@@ -72,7 +97,7 @@ def _field_map(field_map: dict | None) -> dict:
     return fm
 
 
-def load_conversations(spec: str, field_map: dict | None = None, max_examples: int | None = None) -> list[list[dict]]:
+def load_conversations(spec: str, field_map: dict | None = None, max_examples: int | None = None) -> list[Conversation]:
     """Conversations from a `.jsonl` file (OpenAI `messages` or alpaca rows; a `.json` array of them also
     works) or `hf:NAME[:SPLIT]`.
 
@@ -146,7 +171,8 @@ def encode_conversations(tokenizer, conversations, max_len: int, kept: list | No
     out, stats = [], {"conversations": 0, "kept": 0, "truncated": 0, "skipped": 0, "tokens": 0, "trained_tokens": 0}
     for index, conv in enumerate(conversations):
         stats["conversations"] += 1
-        ids, mask = tokenizer.render_conversation(conv)
+        tools = getattr(conv, "tools", None)
+        ids, mask = tokenizer.render_conversation(conv, tools=tools) if tools else tokenizer.render_conversation(conv)
         if len(ids) > max_len:
             ends = [i for i in range(max_len) if ids[i] == end_id and mask[i]]
             cut = ends[-1] + 1 if ends else max_len

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import CheckpointError, DataError
-from ..tokenizer import _atomic_write, _bytes_to_unicode, validate_messages
+from ..tokenizer import _atomic_write, _bytes_to_unicode, call_arguments, check_tools, validate_messages
 
 # a plain-text format for models that ship without a chat template (base models)
 FALLBACK_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
@@ -205,27 +205,89 @@ class HFTokenizer:
         variables.update(bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         try:
             return _compile_template(self.chat_template).render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt, tools=tools,
-                **variables)
+                messages=[_for_template(m) for m in messages], add_generation_prompt=add_generation_prompt,
+                tools=list(tools) if tools else None, **variables)
         except DataError:
             raise
         except Exception as e:   # a template error on this conversation, not a bug of ours
             raise DataError(f"the chat template failed on this conversation ({type(e).__name__}: {e})") from None
 
-    def render_prompt(self, messages: Sequence[dict]) -> list[int]:
-        validate_messages(messages, need_assistant=False)
-        return self.encode(self.render_text(messages, add_generation_prompt=True))
+    def _check_tool_use(self, messages: Sequence[dict], tools) -> None:
+        """Tools, tool calls or tool results for a template without a tool format are an error, not dropped."""
+        uses = bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+        if uses and not self.tool_format()["ok"]:
+            raise DataError(f"this model's chat template has no tool format ({self.tool_format()['why']}); "
+                            "tools, tool calls and tool results cannot be rendered for it")
 
-    def render_conversation(self, messages: Sequence[dict]) -> tuple[list[int], list[int]]:
+    def tool_format(self) -> dict:
+        """How the template writes tools, read off probe renderings: {"ok", "why", "open", "close", "name_key",
+        "arguments_key"}: a call is `open` + JSON object {name_key: name, arguments_key: {...}} + `close` in the
+        assistant's reply (Qwen2/Qwen3: "<tool_call>\n", "\n</tool_call>", "name", "arguments")."""
+        if "_tool_format" in self.__dict__:
+            return self.__dict__["_tool_format"]
+        fmt = {"ok": False, "why": "", "open": None, "close": None, "name_key": None, "arguments_key": None}
+        name, value = "probe_tool_7f3a", "probe-value-7f3a"
+        tool = {"type": "function", "function": {"name": name, "description": "probe",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"q": {"type": "string"}}}}}
+        call = {"id": "call_probe", "type": "function",
+                "function": {"name": name, "arguments": json.dumps({"q": value})}}
+        user = {"role": "user", "content": "hi"}
+        assistant = {"role": "assistant", "content": "", "tool_calls": [call]}
+        result = {"role": "tool", "tool_call_id": "call_probe", "content": "probe-result-7f3a"}
+        try:
+            before = self.render_text([user], add_generation_prompt=True, tools=[tool])
+            upto = self.render_text([user, assistant], tools=[tool])
+            answered = self.render_text([user, assistant, result], add_generation_prompt=True, tools=[tool])
+        except DataError as e:
+            fmt["why"] = str(e)
+        else:
+            reply = upto[len(before):] if upto.startswith(before) else ""
+            at = reply.find(f'"{name}"')
+            brace = reply.rfind("{", 0, at) if at >= 0 else -1
+            try:
+                obj, end = json.JSONDecoder().raw_decode(reply, brace) if brace >= 0 else (None, 0)
+            except json.JSONDecodeError:
+                obj = None
+            keys = {k: v for k, v in obj.items()} if isinstance(obj, dict) else {}
+            name_key = next((k for k, v in keys.items() if v == name), None)
+            args_key = next((k for k, v in keys.items() if v == {"q": value} or v == json.dumps({"q": value})), None)
+            if name not in before:
+                fmt["why"] = "it ignores the tools list"
+            elif name_key is None or args_key is None:
+                fmt["why"] = "it does not write an assistant's tool calls as a JSON object"
+            elif "probe-result-7f3a" not in answered:
+                fmt["why"] = "it drops tool results"
+            else:
+                end_text = self.token_strings.get(self.assistant_end_id, "")
+                tail = reply[end:]
+                close = tail[:tail.find(end_text)] if end_text and end_text in tail else tail
+                fmt.update(ok=True, open=reply[:brace].lstrip("\n") or None, close=close.rstrip() or None,
+                           name_key=name_key, arguments_key=args_key)
+        self.__dict__["_tool_format"] = fmt
+        return fmt
+
+    def render_prompt(self, messages: Sequence[dict], tools=None) -> list[int]:
+        validate_messages(messages, need_assistant=False)
+        tools = check_tools(tools)
+        self._check_tool_use(messages, tools)
+        return self.encode(self.render_text(messages, add_generation_prompt=True, tools=tools))
+
+    def render_conversation(self, messages: Sequence[dict], tools=None) -> tuple[list[int], list[int]]:
+        """ids and the assistant-only loss mask (see the module docstring); with tools, the template's own tool
+        format renders the tool list, the calls (trained: they are the assistant's reply) and the tool
+        results (not trained: they are outside every assistant span)."""
         validate_messages(messages)
-        full = self.render_text(messages)
+        tools = check_tools(tools)
+        self._check_tool_use(messages, tools)
+        full = self.render_text(messages, tools=tools)
         end_text = self.token_strings.get(self.assistant_end_id, "")
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render_text(messages[:i], add_generation_prompt=True)
-            upto = self.render_text(messages[:i + 1])
+            before = self.render_text(messages[:i], add_generation_prompt=True, tools=tools)
+            upto = self.render_text(messages[:i + 1], tools=tools)
             if not upto.startswith(before) or not full.startswith(upto):
                 raise DataError("this chat template renders earlier turns differently once later ones follow, so "
                                 "the assistant-only loss mask cannot be derived exactly (turn "
@@ -233,6 +295,9 @@ class HFTokenizer:
             reply = upto[len(before):]
             content = m["content"].strip()
             at = reply.find(content) + len(content) if content and content in reply else 0
+            if m.get("tool_calls"):   # the calls follow the text: the turn ends after the last of them
+                last = m["tool_calls"][-1]["function"]["name"]
+                at = max(at, reply.rfind(f'"{last}"'))
             close = reply.find(end_text, at) if end_text else -1
             end = close + len(end_text) if close >= 0 else len(reply.rstrip())
             spans.append((len(before), len(before) + end))
@@ -280,6 +345,15 @@ class HFTokenizer:
         if meta.get("fingerprint") not in (None, tok.fingerprint()):
             raise CheckpointError(f"tokenizer '{d}' is corrupt: it does not match the fingerprint in meta.json")
         return tok
+
+
+def _for_template(message: dict) -> dict:
+    """A message as chat templates expect it (transformers' convention): tool-call arguments as a dict."""
+    m = dict(message)
+    if m.get("tool_calls"):
+        m["tool_calls"] = [{**c, "function": {**c["function"], "arguments": call_arguments(c)}}
+                           for c in m["tool_calls"]]
+    return m
 
 
 def _read_json(path: Path) -> dict:
