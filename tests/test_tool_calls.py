@@ -169,3 +169,97 @@ def test_hf_template_without_tool_format_is_an_error(tmp_path):
         tok.render_prompt(TWO_CALLS[:1], tools=[CALC])
     plain = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     assert sum(tok.render_conversation(plain)[1]) > 0   # conversations without tools are unaffected
+
+
+# ---- constrained calls from an untrained model -------------------------------------------------------------
+
+VARIED = [
+    {"type": "function", "function": {"name": "book_flight", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["origin", "passengers", "when"],
+        "properties": {
+            "origin": {"type": "string", "enum": ["OSL", "LHR", "SFO"]},
+            "passengers": {"type": "integer", "minimum": 1, "maximum": 9},
+            "when": {"type": "object", "additionalProperties": False, "required": ["day"],
+                     "properties": {"day": {"type": "integer", "minimum": 1, "maximum": 31},
+                                    "flexible": {"type": "boolean"}}},
+            "seats": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 3}}}}},
+    {"type": "function", "function": {"name": "scale", "parameters": {
+        "type": "object", "additionalProperties": False, "required": ["factor"],
+        "properties": {"factor": {"type": "number", "minimum": -5, "maximum": 5},
+                       "note": {"type": "string", "maxLength": 12}}}}},
+    {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
+                                                                     "additionalProperties": False}}},
+]
+
+
+def _validate(call, tools):
+    import jsonschema
+
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
+    assert call["function"]["name"] in schemas
+    args = json.loads(call["function"]["arguments"])
+    jsonschema.validate(args, schemas[call["function"]["name"]])
+    assert call["id"].startswith("call_")
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "book_flight"}}, "auto"])
+def test_untrained_model_calls_always_parse_and_validate(tiny_tokenizer, choice):
+    from _infer_util import tiny_model
+
+    from gptstack.infer.agent import parse_tool_calls, turn_setup
+    from gptstack.infer.engine import Engine
+    from gptstack.infer.sampling import SamplingParams
+
+    engine = Engine(tiny_model(tiny_tokenizer, seq_len=1024), tiny_tokenizer)
+    prompt = tiny_tokenizer.render_prompt([{"role": "user", "content": "book it"}], tools=VARIED)
+    calls, finished = 0, 0
+    for seed in range(3):
+        params = SamplingParams(temperature=1.0, max_tokens=160, n=4, seed=seed)
+        hooks, p = turn_setup(engine, VARIED, params, choice)
+        assert hooks, "a constrained turn has the grammar hook"
+        for reply in engine.generate([prompt], p, hooks=hooks)[0]:
+            text, got, problems = parse_tool_calls(tiny_tokenizer, reply.tokens)
+            if reply.finish_reason == "stop":
+                finished += 1
+                assert all(why is None for why in problems), problems
+            else:   # out of tokens: only the last call may be unfinished
+                assert all(why is None for why in problems[:-1])
+                got = got[:len(got) - (problems[-1:] != [None])] if problems else got
+            if choice != "auto":
+                assert text == "" and (got or reply.finish_reason == "length")
+            if isinstance(choice, dict):
+                assert len(got) <= 1 and all(c["function"]["name"] == "book_flight" for c in got)
+            for call in got:
+                _validate(call, VARIED)
+            calls += len(got)
+    if choice != "auto":
+        assert finished >= 6 and calls >= 6   # the random model does finish calls, and they are all valid
+
+
+def test_tool_choice_none_bans_calls_and_bad_choices_are_errors(tiny_tokenizer):
+    from _infer_util import tiny_model
+
+    from gptstack.errors import ConfigError
+    from gptstack.infer.agent import turn_setup
+    from gptstack.infer.engine import Engine
+    from gptstack.infer.sampling import SamplingParams
+
+    engine = Engine(tiny_model(tiny_tokenizer, seq_len=1024), tiny_tokenizer)
+    prompt = tiny_tokenizer.render_prompt([{"role": "user", "content": "hi"}], tools=VARIED)
+    hooks, p = turn_setup(engine, VARIED, SamplingParams(temperature=1.0, max_tokens=40, n=8, seed=1), "none")
+    # make the call-start token overwhelmingly likely: the ban must still hold
+    start = tiny_tokenizer.special("<|python_start|>")
+    from _infer_util import BanHook
+
+    class Favour(BanHook):
+        def process(self, logits, rows):
+            logits = logits.clone()
+            logits[:, start] += 100.0
+            return logits
+
+    for reply in engine.generate([prompt], p, hooks=[Favour(start), *hooks])[0]:
+        assert start not in reply.tokens
+    for bad, error in (("sometimes", "tool_choice must be"),
+                       ({"type": "function", "function": {"name": "nope"}}, "not among the tools")):
+        with pytest.raises(ConfigError, match=error):
+            turn_setup(engine, VARIED, SamplingParams(), bad)

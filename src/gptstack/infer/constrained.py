@@ -238,3 +238,77 @@ def generate_constrained(engine, prompts: Sequence[Sequence[int]], params: Sampl
     """Generate with a grammar; returns engine.generate's results (rows ending 'stop' are complete)."""
     hook = GrammarHook(engine.tokenizer, grammar, engine.config.vocab_size)
     return engine.generate(prompts, grammar_params(params, engine.tokenizer), hooks=[hook])
+
+
+# ---- tool calls ---------------------------------------------------------------------------------------------
+
+def tool_choice_of(tool_choice, tools: Sequence[dict]) -> tuple[str, str | None]:
+    """OpenAI's `tool_choice` -> (mode, name): "auto" / "none" / "required" with name None, or ("required",
+    X) for {"type": "function", "function": {"name": X}}. A ConfigError for anything else or an unknown X."""
+    names = [t["function"]["name"] for t in tools]
+    if tool_choice is None:
+        tool_choice = "auto"
+    if tool_choice in ("auto", "none", "required"):
+        if tool_choice == "required" and not names:
+            raise ConfigError("tool_choice 'required' needs at least one tool")
+        return tool_choice, None
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or tool_choice.get("type", "function") != "function":
+        raise ConfigError('tool_choice must be "auto", "none", "required" or {"type": "function", '
+                          '"function": {"name": ...}}')
+    if name not in names:
+        raise ConfigError(f"tool_choice names the function {name!r}, which is not among the tools "
+                          f"({', '.join(names) or 'none given'})")
+    return "required", name
+
+
+def call_schema(tools: Sequence[dict], only: str | None = None) -> dict:
+    """The JSON schema of one call's body: {"name": one of the tools, "arguments": that tool's parameters}
+    (the parameters alone decide what the arguments may be, so a call always validates against its tool)."""
+    options = []
+    for t in tools:
+        fn = t["function"]
+        if only is not None and fn["name"] != only:
+            continue
+        options.append({"type": "object",
+                        "properties": {"name": {"const": fn["name"]},
+                                       "arguments": fn.get("parameters") or {"type": "object"}},
+                        "required": ["name", "arguments"], "additionalProperties": False})
+    schema = options[0] if len(options) == 1 else {"anyOf": options}
+    return {**schema, "x-guidance": JSON_OPTIONS}   # the separators our renderer writes calls with
+
+
+def tool_call_grammar(tokenizer, tools: Sequence[dict], tool_choice="auto") -> str | None:
+    """The grammar of an assistant turn that may call `tools` (None: nothing to constrain).
+
+    Ours: auto = optional text, then zero or more calls <|python_start|>{call}<|python_end|>; required = one
+    or more calls and no text; a named function = exactly one call of it; none = None (the caller bans the
+    call-start token instead). Text cannot contain a special token, so the grammar itself sees where a call
+    starts. An imported model's calls are plain text markers of its template (<tool_call>...</tool_call>):
+    required / named calls are constrained the same way, but under auto the start of a call cannot be told
+    from text by the grammar, so auto turns are not constrained (None) and are parsed afterwards."""
+    mode, name = tool_choice_of(tool_choice, tools)
+    if mode == "none" or not tools:
+        return None
+    for t in tools:   # each tool's parameters must be a schema llguidance accepts: say which one is not
+        try:
+            compile_grammar(json_schema=call_schema([t]), tokenizer=None)
+        except ConfigError as e:
+            raise ConfigError(f"tool {t['function']['name']!r}: {e}") from None
+    body = json.dumps(call_schema(tools, name))
+    if "<|python_start|>" in tokenizer.special_ids:
+        call = "call: <|python_start|> body <|python_end|>"
+        start = {"auto": "start: TEXT? call*", "required": "start: call+"}[mode] if name is None else "start: call"
+        lark = f"{start}\n{call}\nbody: %json {body}\nTEXT: /(?s:.+)/\n"
+    else:
+        fmt = tokenizer.tool_format()
+        if not fmt["ok"] or fmt["name_key"] != "name" or fmt["arguments_key"] != "arguments":
+            raise ConfigError("this model's chat template has no tool-call format gptstack can constrain"
+                              + (f" ({fmt['why']})" if fmt["why"] else ""))
+        if mode == "auto":
+            return None
+        call = f"call: {json.dumps(fmt['open'] or '')} body {json.dumps(fmt['close'] or '')}"
+        start = "start: call" if name is not None else 'start: call ("\\n" call)*'
+        lark = f"{start}\n{call}\nbody: %json {body}\n"
+    return compile_grammar(lark=lark, tokenizer=tokenizer)
