@@ -2,6 +2,7 @@
 loop stops at its step limit, search returns the index's text, tool failures become results."""
 
 import json
+import re
 
 import pytest
 
@@ -119,3 +120,75 @@ def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(GptstackError) as e:
         tools_from_spec(f"search:{tmp_path / 'nope'}")
     assert "\n" not in str(e.value)
+
+
+# ---- the CLI --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tool_run(tmp_path_factory, tiny_tokenizer):
+    from _infer_util import save_run, tiny_model
+
+    from gptstack.infer.retrieval import build_index
+
+    d = tmp_path_factory.mktemp("toolrun")
+    build_index([("notes/a", "The zorblat is a blue lizard.")], embedder="bm25").save(d / "idx")
+    return save_run(d / "run", tiny_model(tiny_tokenizer, seq_len=1024), tiny_tokenizer), str(d / "idx")
+
+
+def test_generate_with_tools_runs_the_loop_and_prints_calls(tool_run, capsys):
+    from gptstack.cli import main
+    from gptstack.infer.agent import calculator_tool, _run
+
+    run, _ = tool_run
+    code = main(["generate", run, "--prompt", "What is 2*3?", "--tools", "calculator", "--tool-choice", "calculator",
+                 "--max-steps", "1", "--temperature", "0", "--max-new-tokens", "200", "--json"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["steps"] == 1 and out["stop_reason"] in ("max_steps", "length")
+    call_msg, result = out["messages"][:2]
+    call = call_msg["tool_calls"][0]
+    assert result["role"] == "tool" and result["tool_call_id"] == call["id"]
+    if out["stop_reason"] == "length":   # an untrained model's expression string may run past the budget
+        assert call["function"]["arguments"].startswith('{"name": "calculator", "arguments": {"expression": "')
+        assert result["content"].startswith("error: the call was cut off")
+    else:   # the tool really ran on the arguments the model wrote (often an error for random text)
+        assert call["function"]["name"] == "calculator"
+        assert result["content"] == _run({"calculator": calculator_tool()}, call, None)
+    code = main(["generate", run, "--prompt", "What is 2*3?", "--tools", "calculator", "--tool-choice", "required",
+                 "--max-steps", "1", "--temperature", "0", "--max-new-tokens", "200"])
+    shown = capsys.readouterr().out
+    assert code == 0 and re.search(r'^\[(calculator\(|\?\(\{"name": "calculator")', shown, re.M) and "\n[-> " in shown
+
+
+def test_chat_with_tools_shows_calls_and_results(tool_run):
+    import os
+    import subprocess
+    import sys
+
+    run, idx = tool_run
+    env = {**os.environ, "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..", "src")}
+    r = subprocess.run([sys.executable, "-m", "gptstack.cli", "chat", run, "--tools", f"calculator,search:{idx}",
+                        "--tool-choice", "search", "--max-steps", "2", "--max-new-tokens", "120", "--seed", "0"],
+                       input="what is a zorblat\n/reset\nand again\n/quit\n", capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert len(re.findall(r'^\[(search\(|\?\(\{"name": "search")', r.stdout, re.M)) == 2, r.stdout
+    assert "[conversation reset]" in r.stdout
+    assert "[-> " in r.stdout
+
+
+@pytest.mark.parametrize("extra, error", [
+    (["--tools", "shell"], "unknown tool 'shell'"),
+    (["--tool-choice", "required"], "--tool-choice needs --tools"),
+    (["--tools", "calculator", "--tool-choice", "search"], "not among the tools"),
+    (["--tools", "calculator", "--samples", "2"], "does not combine with --samples"),
+    (["--tools", "calculator", "--max-steps", "0"], "--max-steps must be at least 1"),
+])
+def test_tool_flag_errors_are_one_line(tool_run, capsys, extra, error):
+    from gptstack.cli import main
+
+    run, _ = tool_run
+    assert main(["generate", run, "--prompt", "hi", *extra]) == 2
+    err = capsys.readouterr().err
+    assert error in err and err.count("\n") == 1

@@ -185,9 +185,69 @@ def _add_infer_flags(p, temperature: float = 0.8) -> None:
                         "confident than the base (with --mix-base) (default: %(default)s)")
 
 
+def _tool_choice(value: str):
+    """--tool-choice: auto, none, required, or a tool's name (that tool must be called)."""
+    if value in ("auto", "none", "required"):
+        return value
+    return {"type": "function", "function": {"name": value}}
+
+
+def _load_tools(args):
+    """--tools SPEC -> (tools, tool_choice), checked before the model loads; ([], None) without --tools."""
+    if not getattr(args, "tools", None):
+        if getattr(args, "tool_choice", "auto") != "auto":
+            raise ConfigError("--tool-choice needs --tools")
+        return [], None
+    clash = [flag for flag, on in (("--speculate", getattr(args, "speculate", 0)),
+                                   ("--mix-base", getattr(args, "mix_base", None)),
+                                   ("--json-schema/--regex/--grammar", any(getattr(args, k, None) for k in
+                                                                           ("json_schema", "regex", "grammar"))),
+                                   ("--vote", getattr(args, "vote", None)),
+                                   ("--best-of", getattr(args, "best_of", None)),
+                                   ("--samples", (getattr(args, "samples", None) or 1) > 1)) if on]
+    if clash:
+        raise ConfigError(f"--tools runs the agent loop on one sample; it does not combine with {', '.join(clash)}")
+    if args.max_steps < 1:
+        raise ConfigError(f"--max-steps must be at least 1, got {args.max_steps}")
+    from ..infer.agent import tools_from_spec
+    from ..infer.constrained import tool_choice_of
+
+    tools = tools_from_spec(args.tools)
+    choice = _tool_choice(args.tool_choice)
+    tool_choice_of(choice, [t.schema for t in tools])
+    return tools, choice
+
+
+def _show_tool_message(m: dict, out=None) -> None:
+    """A call or a result as the user sees it: [calculator({"expression": "2*3"})] and [-> 6]."""
+    out = out or sys.stdout
+    if m["role"] == "tool":
+        out.write(f"[-> {m['content']}]\n")
+        out.flush()
+        return
+    if m.get("content"):
+        out.write(m["content"] + "\n")
+    for call in m.get("tool_calls") or ():
+        out.write(f"[{call['function']['name'] or '?'}({call['function']['arguments']})]\n")
+    out.flush()
+
+
+def _add_tool_flags(p) -> None:
+    g = p.add_argument_group("tools (the agent loop)")
+    g.add_argument("--tools", metavar="SPEC", default=None,
+                   help="let the model call tools: a comma-separated list of calculator and search:INDEX_DIR "
+                        "(an index built by `gptstack index`); calls and results are shown as they happen")
+    g.add_argument("--tool-choice", default="auto", metavar="CHOICE",
+                   help="auto (the model decides), none (no calls), required (the first turn must call), or a "
+                        "tool name (the first turn calls that tool) (default: %(default)s)")
+    g.add_argument("--max-steps", type=int, default=4, metavar="N",
+                   help="model turns per message with --tools: calls, results and the answer (default: %(default)s)")
+
+
 def cmd_chat(args) -> None:
     from ..infer.chat import COMMANDS, ChatSession
 
+    tools, tool_choice = _load_tools(args)
     engine, _ = _load_engine(args)
     one_shot = args.prompt is not None
     interactive = not one_shot and sys.stdin.isatty()
@@ -200,7 +260,8 @@ def cmd_chat(args) -> None:
         sys.stdout.flush()
 
     chat = ChatSession(engine, _sampling_params(args), system=args.system or "", hooks=_infer_hooks(args, engine),
-                       index=_load_index(args), passages=args.passages, on_notice=notice)
+                       index=_load_index(args), passages=args.passages, on_notice=notice, tools=tools,
+                       tool_choice=tool_choice or "auto", max_steps=args.max_steps, on_tool=_show_tool_message)
     if one_shot:
         chat.turn(args.prompt, on_delta=write)
         write("\n")
@@ -256,8 +317,11 @@ def cmd_generate(args) -> None:
     if args.vote:
         from ..data.tasks import get_task
         task = get_task(args.vote)
+    tools, tool_choice = _load_tools(args)
     index = _load_index(args)
     engine, tok = _load_engine(args)
+    if tools:
+        return _generate_with_tools(args, engine, tools, tool_choice, _augment(index, args.prompt, args.passages))
     grammar = None
     if grammar_args:   # compiled (and checked) before anything is generated
         from ..infer.constrained import compile_grammar
@@ -327,6 +391,22 @@ def cmd_generate(args) -> None:
         print(c.text)
 
 
+def _generate_with_tools(args, engine, tools, tool_choice, text: str) -> None:
+    """generate --tools: the agent loop on one user message; shows calls and results, then the answer (or,
+    with --json, one object with every message the loop added)."""
+    from ..infer.agent import run_agent
+
+    messages = [{"role": "user", "content": text}]
+    show = None if args.json else _show_tool_message
+    result = run_agent(engine, messages, tools, _sampling_params(args), max_steps=args.max_steps,
+                       tool_choice=tool_choice, on_message=show)
+    if args.json:
+        print(json.dumps({"prompt": args.prompt, "messages": result.messages[1:], "steps": result.steps,
+                          "stop_reason": result.stop_reason}, ensure_ascii=False))
+    elif result.stop_reason != "answer":
+        print(f"[stopped after {result.steps} step(s): {result.stop_reason}]", file=sys.stderr)
+
+
 def cmd_index(args) -> None:
     from ..infer.retrieval import build_index, load_documents
 
@@ -367,6 +447,7 @@ def register_infer_commands(sub) -> None:
                    help="one-shot: print the reply to this message and exit (notices go to stderr)")
     p.add_argument("--system", default=None, help="system prompt (change it in the chat with /system TEXT)")
     _add_infer_flags(p, temperature=0.7)
+    _add_tool_flags(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("generate", help="generate from a prompt: constrained (JSON schema/regex/grammar), "
@@ -391,8 +472,10 @@ def register_infer_commands(sub) -> None:
     g.add_argument("--reward", metavar="rm:RUN_DIR", default=None,
                    help="reward model for --best-of (a run trained by `gptstack reward`)")
     p.add_argument("--json", action="store_true",
-                   help="print one JSON object: the completions, and the votes or scores")
+                   help="print one JSON object: the completions, and the votes or scores (with --tools: the "
+                        "messages the agent loop added)")
     _add_infer_flags(p)
+    _add_tool_flags(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("index", help="build a retrieval index from documents (.txt/.md folder, .jsonl, task:facts)")

@@ -18,6 +18,12 @@ follows a complete one. When the next message and room for a reply (`reserve`: t
 quarter of the context) do not fit, the oldest turns are dropped and the history re-prefilled, with a notice;
 a message that would not fit even with no history is a PromptError. Notices (turns dropped) go to `on_notice`;
 commands return their message in a `CommandResult` instead, for the caller to show.
+
+With `tools` (infer.agent.Tool), each turn runs the agent loop (infer.agent.run_agent) instead: the model may
+call tools, their results are appended and it goes on, up to `max_steps` turns; calls and results go to
+`on_tool(message)` as they happen and the final answer to `on_delta` (whole, not token by token: the loop
+generates each step constrained and parses it before anything is shown). Such turns re-render the
+conversation each step rather than keeping its KV cache; the oldest turns are dropped when it no longer fits.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class _Turn:
     user: str              # the message as given (before any retrieval augmentation)
     reply: str
     ids: list[int]         # user segment + reply + <|assistant_end|>
+    agent: list[dict] | None = None   # a tool turn: every message after the user's (calls, results, answer)
 
 
 class ChatSession:
@@ -56,7 +63,8 @@ class ChatSession:
 
     def __init__(self, engine: Engine, params: SamplingParams | None = None, system: str = "",
                  hooks: Sequence[LogitsHook] = (), index=None, passages: int = 3,
-                 on_notice: Callable[[str], None] | None = None):
+                 on_notice: Callable[[str], None] | None = None, tools: Sequence = (), tool_choice="auto",
+                 max_steps: int = 4, on_tool: Callable[[dict], None] | None = None):
         self.engine = engine
         self.tokenizer = engine.tokenizer
         self.params = replace(params or SamplingParams(temperature=0.7, top_k=50, max_tokens=200), n=1)
@@ -65,6 +73,13 @@ class ChatSession:
         self.index = index
         self.passages = passages
         self.on_notice = on_notice
+        self.tools, self.tool_choice, self.max_steps, self.on_tool = list(tools), tool_choice, max_steps, on_tool
+        if self.tools:   # checked now: a bad choice should not wait for the first message
+            from .constrained import tool_choice_of
+
+            tool_choice_of(tool_choice, [t.schema for t in self.tools])
+            if max_steps < 1:
+                raise ConfigError(f"max_steps must be at least 1, got {max_steps}")
         self.system = system or ""
         self._turns: list[_Turn] = []
         self.session = engine.session()
@@ -82,7 +97,8 @@ class ChatSession:
         """The conversation as chat messages (system first, when set), user messages as given."""
         out = [{"role": "system", "content": self.system}] if self.system else []
         for t in self._turns:
-            out += [{"role": "user", "content": t.user}, {"role": "assistant", "content": t.reply}]
+            out.append({"role": "user", "content": t.user})
+            out += t.agent if t.agent is not None else [{"role": "assistant", "content": t.reply}]
         return out
 
     @property
@@ -141,6 +157,8 @@ class ChatSession:
             from .retrieval import augment
 
             content = augment(text, self.index.search(text, self.passages))
+        if self.tools:
+            return self._agent_turn(text, content, on_delta)
         if self._templated:
             return self._templated_turn(text, content, on_delta)
         S = self.tokenizer.special_ids
@@ -199,6 +217,40 @@ class ChatSession:
             raise
         self._turns.append(_Turn(text, reply.text, []))
         return reply
+
+    def _agent_turn(self, text: str, content: str, on_delta) -> Completion:
+        from .agent import run_agent
+
+        schemas = [t.schema for t in self.tools]
+        message = {"role": "user", "content": content}
+        dropped = 0
+        while len(self.tokenizer.render_prompt(self.messages + [message], tools=schemas)) + self.reserve \
+                > self.engine.max_context:
+            if not self._turns:
+                raise PromptError(f"the message with the tool list does not fit the {self.engine.max_context}-"
+                                  "token context with room for a reply; shorten it")
+            self._turns.pop(0)
+            dropped += 1
+        if dropped:
+            self._notice(f"context full: dropped the {dropped} oldest turn(s)")
+        before = self.messages + [message]
+
+        def show(m: dict) -> None:
+            if m["role"] == "assistant" and m["content"] and on_delta and not m.get("tool_calls"):
+                on_delta(m["content"])
+            elif self.on_tool is not None:
+                self.on_tool(m)
+
+        result = run_agent(self.engine, before, self.tools, self.params, max_steps=self.max_steps,
+                           tool_choice=self.tool_choice, on_message=show)
+        added = result.messages[len(before):]
+        if added and added[-1]["role"] == "tool":   # the step limit left results unanswered: close the turn
+            added.append({"role": "assistant", "content": ""})
+            self._notice(f"stopped after {result.steps} step(s) ({result.stop_reason}) without an answer")
+        reply = added[-1]["content"] if added else ""
+        self._turns.append(_Turn(text, reply, [], added))
+        self.session.reset()   # a later plain turn re-prefills from the messages
+        return Completion(0, 0, text=reply, finish_reason="stop" if result.stop_reason == "answer" else "length")
 
     def reset(self) -> None:
         """Forget every turn (the system prompt stays)."""
