@@ -367,7 +367,7 @@ def test_max_tokens_is_capped_by_the_context(client, tiny_tokenizer):
     (dict(stop=[""]), "stop", "must not be empty"),
     (dict(top_logprobs=3), "top_logprobs", "needs logprobs"),
     (dict(logit_bias={"99999": 5}), "logit_bias", "outside the vocabulary"),
-    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role", "system, user or assistant"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role", "system, user, assistant or tool"),
     (dict(messages=[{"role": "assistant", "content": "hi"}, {"role": "system", "content": "x"}]), "messages",
      "system message"),
     (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
@@ -378,8 +378,16 @@ def test_max_tokens_is_capped_by_the_context(client, tiny_tokenizer):
     (dict(response_format={"type": "xml"}), "response_format", "json_object or json_schema"),
     (dict(extra_body={"regex": "(unclosed"}), "regex", "regex"),
     (dict(extra_body={"regex": "a", "grammar": "start: \"b\""}), "response_format", "one constraint"),
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tools",
-     "tools are not supported yet"),
+    (dict(extra_body={"functions": [{"name": "f", "parameters": {}}]}), "functions", "legacy functions"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}], tool_choice="sometimes"),
+     "tool_choice", "tool_choice must be"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+          tool_choice={"type": "function", "function": {"name": "g"}}), "tool_choice", "not among the tools"),
+    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+          response_format={"type": "json_object"}), "tools", "not both"),
+    (dict(tools=[{"type": "function"}]), "tools", "tools[0] must be"),
+    (dict(messages=[*USER, {"role": "tool", "tool_call_id": "call_x", "content": "6"}]), "messages",
+     "without a preceding assistant tool call"),
 ])
 def test_bad_parameters_are_400(client, server, kw, param, text):
     with pytest.raises(openai.BadRequestError) as e:
@@ -632,3 +640,71 @@ def test_gptstack_serve_command(tmp_path, model, tiny_tokenizer):
         proc.terminate()
         proc.wait(30)
     assert "serving 'run'" in proc.stderr.read()
+
+
+# ---- tools -------------------------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "weather", "description": "weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "enum": ["Oslo", "Lima"]},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                   "required": ["city", "days"], "additionalProperties": False}}}
+
+
+@pytest.fixture(scope="module")
+def tool_server(tiny_tokenizer):
+    engine = Engine(tiny_model(tiny_tokenizer, seq_len=1024), tiny_tokenizer)
+    s = RunningServer(create_app(engine, MODEL, ServeConfig(api_key=KEY)))
+    yield s
+    s.close()
+
+
+def test_tool_calls_come_back_the_openai_way_and_the_client_sends_results(tool_server, tiny_tokenizer):
+    client = openai.OpenAI(base_url=tool_server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+    ask = dict(model=MODEL, messages=USER, tools=[WEATHER_TOOL], temperature=0, max_tokens=200,
+               tool_choice={"type": "function", "function": {"name": "weather"}})
+    r = client.chat.completions.create(**ask)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    (call,) = choice.message.tool_calls
+    assert call.id.startswith("call_") and call.type == "function" and call.function.name == "weather"
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WEATHER_TOOL["function"]["parameters"])
+    assert r.usage.prompt_tokens == len(tiny_tokenizer.render_prompt(USER, tools=[WEATHER_TOOL]))
+
+    # streamed: content deltas (none here), then the call as tool-call deltas, then finish_reason tool_calls
+    streamed, finishes = {}, []
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for c in chunk.choices:
+            assert not c.delta.content
+            for d in c.delta.tool_calls or ():
+                entry = streamed.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+                entry["id"] += d.id or ""
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+            if c.finish_reason:
+                finishes.append(c.finish_reason)
+    assert finishes == ["tool_calls"] and list(streamed) == [0]
+    assert streamed[0]["name"] == "weather" and json.loads(streamed[0]["arguments"]) == args
+    assert streamed[0]["id"].startswith("call_")
+
+    # "auto" and "required" calls also always validate (sampled, several seeds)
+    for seed, mode in ((0, "required"), (1, "required"), (2, "auto"), (3, "auto")):
+        r = client.chat.completions.create(**{**ask, "tool_choice": mode, "temperature": 1.0, "seed": seed})
+        for tc in r.choices[0].message.tool_calls or ():
+            jsonschema.validate(json.loads(tc.function.arguments), WEATHER_TOOL["function"]["parameters"])
+        if mode == "required" and r.choices[0].finish_reason != "length":
+            assert r.choices[0].message.tool_calls and r.choices[0].finish_reason == "tool_calls"
+
+    # the client runs the tool and sends its result back: the model answers in text
+    history = [*USER, choice.message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "rain, 4 degrees"}]
+    r = client.chat.completions.create(model=MODEL, messages=history, tools=[WEATHER_TOOL], tool_choice="none",
+                                       temperature=0, max_tokens=12)
+    final = r.choices[0]
+    assert final.message.tool_calls is None and final.finish_reason in ("stop", "length")
+    assert isinstance(final.message.content, str)
+    ours = [*USER, {"role": "assistant", "content": "", "tool_calls": [call.model_dump()]},
+            {"role": "tool", "tool_call_id": call.id, "content": "rain, 4 degrees"}]
+    assert r.usage.prompt_tokens == len(tiny_tokenizer.render_prompt(ours, tools=[WEATHER_TOOL]))
+    assert "<|python_start|>" not in final.message.content

@@ -184,6 +184,7 @@ async def _sse(handle, parsed: Parsed, out: Responses):
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     n_choices = len(parsed.gen.prompts) * parsed.gen.params.n
+    calls = _CallStream(out, n_choices) if parsed.tools else None
     try:
         for i in range(n_choices):
             if out.chat:
@@ -193,6 +194,11 @@ async def _sse(handle, parsed: Parsed, out: Responses):
         async for items in handle.batches():   # what arrived together is written together
             data = []
             for item in items:
+                if calls is not None:
+                    data += [event(obj) for obj in calls.feed(item)]
+                    if isinstance(item, Result) and parsed.include_usage:
+                        data.append(event(out.usage_chunk(item)))
+                    continue
                 if isinstance(item, Delta):
                     if item.text or item.logprobs:
                         data.append(event(out.chunk(item.choice, item.text, logprobs=item.logprobs or None)))
@@ -208,6 +214,52 @@ async def _sse(handle, parsed: Parsed, out: Responses):
     finally:
         handle.cancel()
     yield "data: [DONE]\n\n"
+
+
+class _CallStream:
+    """The stream of a request with tools: text is streamed as content until a tool call starts (the call's
+    own text is never shown as content); the calls, read from the reply's tokens once it is whole (the
+    Result), follow as `tool_calls` deltas, then the finish_reason ("tool_calls" when there are calls)."""
+
+    def __init__(self, out, n_choices: int):
+        self.out = out
+        tok = out.tok
+        self.marker = ("<|python_start|>" if "<|python_start|>" in tok.special_ids
+                       else tok.tool_format().get("open") or "\0")
+        self.text = [""] * n_choices       # all text of each choice so far
+        self.sent = [0] * n_choices        # how much of it went out as content
+        self.cut = [False] * n_choices     # a call has started: the rest is not content
+
+    def feed(self, item) -> list[dict]:
+        if isinstance(item, Delta):
+            i = item.choice
+            self.text[i] += item.text
+            if self.cut[i]:
+                return []
+            at = self.text[i].find(self.marker, self.sent[i])
+            if at >= 0:
+                self.cut[i] = True
+                upto = at
+            else:   # hold back a tail that may be the start of the marker
+                upto = len(self.text[i])
+                for k in range(min(len(self.marker) - 1, upto - self.sent[i]), 0, -1):
+                    if self.marker.startswith(self.text[i][upto - k:]):
+                        upto -= k
+                        break
+            piece, self.sent[i] = self.text[i][self.sent[i]:upto], upto
+            return [self.out.chunk(i, piece, logprobs=item.logprobs or None)] if piece or item.logprobs else []
+        if not isinstance(item, Result):
+            return []
+        chunks = []
+        for c in item.choices:
+            _, tool_calls, finish = self.out.tool_reply(c.tokens, c.text, c.finish_reason)
+            rest = self.text[c.index][self.sent[c.index]:] if not tool_calls else ""
+            if rest:
+                chunks.append(self.out.chunk(c.index, rest))
+            if tool_calls:
+                chunks.append(self.out.chunk(c.index, tool_calls=tool_calls))
+            chunks.append(self.out.chunk(c.index, None, finish_reason=finish))
+        return chunks
 
 
 def _model_card(name: str, created: int, context: int) -> dict:

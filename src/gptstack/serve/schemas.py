@@ -3,7 +3,14 @@ into a GenRequest, and results turned back into `chat.completion` / `text_comple
 
 Every rejected field is an APIError naming the parameter, so the client sees a 400 with a message that says
 what to change. Unknown fields are ignored, as OpenAI does; fields OpenAI has and we cannot honour
-(`tools`, `suffix`, non-text content parts...) are refused rather than silently dropped.
+(the legacy `functions`, `suffix`, non-text content parts...) are refused rather than silently dropped.
+
+Tools: a chat request's `tools` are rendered into the prompt (the tokenizer's tool format), `tool_choice`
+(auto / none / required / a named function) decides the grammar (infer.constrained.tool_call_grammar), so
+every call the model makes parses and validates against its tool's parameters; the reply's calls come back
+as `message.tool_calls` (ids `call_...`, arguments as JSON text) with finish_reason "tool_calls", and the
+client sends `tool` messages with the results in its next request, after the assistant message that made
+the calls.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ class Parsed:
     include_usage: bool
     logprobs: bool                 # the response carries logprobs
     echo: list[str] | None = None  # /v1/completions echo: each prompt's text, put before its choices' text
+    tools: list | None = None      # a chat request's tools: replies are read for tool calls
 
 
 # ---- field checks ----------------------------------------------------------------------------------------
@@ -101,12 +109,13 @@ class RequestParser:
     # ---- the two endpoints -----------------------------------------------------------------------------
     def chat(self, body: dict) -> Parsed:
         self._common_checks(body)
-        if body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none"):
-            raise APIError(400, "tools are not supported yet: send the request without tools/functions",
-                           param="tools", code="unsupported_parameter")
+        if body.get("functions") or body.get("function_call"):
+            raise APIError(400, "the legacy functions/function_call are not supported: send tools and tool_choice",
+                           param="functions", code="unsupported_parameter")
+        tools, tool_choice = self._tools(body)
         messages = self._messages(body.get("messages"))
         try:
-            prompt = self.tok.render_prompt(messages)
+            prompt = self.tok.render_prompt(messages, tools=tools) if tools else self.tok.render_prompt(messages)
         except DataError as e:
             raise bad(str(e), "messages") from None
         logprobs = _bool(body, "logprobs")
@@ -118,8 +127,51 @@ class RequestParser:
         if max_tokens is None:
             max_tokens, name = body.get("max_tokens"), "max_tokens"
         gen = self._gen([prompt], body, max_tokens, name, top_logprobs=(top or 0) if logprobs else None)
+        if tools:
+            self._constrain_calls(gen, body, tools, tool_choice)
         stream = _bool(body, "stream")
-        return Parsed("chat", gen, stream, self._include_usage(body, stream), logprobs)
+        return Parsed("chat", gen, stream, self._include_usage(body, stream), logprobs, tools=tools or None)
+
+    def _tools(self, body: dict):
+        from ..infer.constrained import tool_choice_of
+        from ..tokenizer import check_tools
+
+        try:
+            tools = check_tools(body.get("tools"))
+        except DataError as e:
+            raise bad(str(e), "tools") from None
+        choice = body.get("tool_choice")
+        if choice is not None and not tools and choice != "none":
+            raise bad("tool_choice needs tools", "tool_choice")
+        try:
+            tool_choice_of(choice, tools)
+        except ConfigError as e:
+            raise bad(str(e), "tool_choice") from None
+        return tools, choice
+
+    def _constrain_calls(self, gen: GenRequest, body: dict, tools: list, tool_choice) -> None:
+        """The reply may call `tools`: their grammar (a call always parses and validates), or with tool_choice
+        "none" no way to start a call."""
+        from dataclasses import replace
+
+        from ..infer.constrained import grammar_params, tool_call_grammar, tool_choice_of
+
+        if gen.grammar is not None:
+            raise bad("give either tools or a response_format/regex/grammar constraint, not both", "tools")
+        mode, _ = tool_choice_of(tool_choice, tools)
+        tok = self.tok
+        if mode == "none":
+            if "<|python_start|>" in tok.special_ids:
+                gen.logit_bias = {**(gen.logit_bias or {}), tok.special("<|python_start|>"): -100.0}
+            elif tok.tool_format().get("open"):
+                gen.params = replace(gen.params, stop=[*gen.params.stop, tok.tool_format()["open"]])
+            return
+        try:
+            gen.grammar = tool_call_grammar(tok, tools, tool_choice)
+        except GptstackError as e:
+            raise bad(str(e), "tools", code="invalid_schema") from None
+        if gen.grammar is not None:
+            gen.params = grammar_params(gen.params, tok)
 
     def completion(self, body: dict) -> Parsed:
         self._common_checks(body)
@@ -163,14 +215,26 @@ class RequestParser:
             if not isinstance(m, dict):
                 raise bad(f"{where} must be an object with role and content", where)
             role = m.get("role")
-            if role in ("tool", "function") or m.get("tool_calls") or m.get("function_call"):
-                raise APIError(400, f"{where}: tools are not supported yet", param=where, code="unsupported_parameter")
+            if role == "function" or m.get("function_call"):
+                raise APIError(400, f"{where}: the legacy function role/function_call are not supported: use "
+                                    "tool_calls and tool messages", param=where, code="unsupported_parameter")
             if role == "developer":   # what newer OpenAI models call the system prompt
                 role = "system"
-            if role not in ("system", "user", "assistant"):
-                raise bad(f"{where}.role must be system, user or assistant, got {json.dumps(role)[:40]}",
+            if role not in ("system", "user", "assistant", "tool"):
+                raise bad(f"{where}.role must be system, user, assistant or tool, got {json.dumps(role)[:40]}",
                           f"{where}.role")
-            out.append({"role": role, "content": self._content(m.get("content"), f"{where}.content")})
+            calls = m.get("tool_calls") if role == "assistant" else None
+            content = m.get("content")
+            message = {"role": role, "content": "" if content is None and calls else
+                       self._content(content, f"{where}.content")}
+            if calls:
+                message["tool_calls"] = calls
+            if role == "tool":
+                if not isinstance(m.get("tool_call_id"), str):
+                    raise bad(f"{where}.tool_call_id must be the id of the call this message answers",
+                              f"{where}.tool_call_id")
+                message["tool_call_id"] = m["tool_call_id"]
+            out.append(message)
         return out
 
     @staticmethod
@@ -365,12 +429,30 @@ class Responses:
             return ""
         return self.p.echo[index // self.p.gen.params.n]
 
+    def tool_reply(self, tokens: list[int], text: str, finish_reason: str) -> tuple[str | None, list[dict], str]:
+        """(content, tool_calls, finish_reason) of a reply to a request with tools: the calls read from its
+        tokens (only complete, parsable ones: the grammar makes every finished call so), "tool_calls" when
+        there are any. Without tools: the text, no calls, the finish reason as it is."""
+        if not self.p.tools:
+            return text, [], finish_reason
+        from ..infer.agent import parse_tool_calls
+
+        content, calls, problems = parse_tool_calls(self.tok, tokens)
+        calls = [c for c, why in zip(calls, problems) if why is None]
+        if not calls:
+            return text, [], finish_reason
+        return content or None, calls, "tool_calls" if finish_reason == "stop" else finish_reason
+
     def full(self, result: Result) -> dict:
         choices = []
         for c in result.choices:
             if self.chat:
-                choices.append({"index": c.index, "message": {"role": "assistant", "content": c.text},
-                                "logprobs": self.logprobs(c.logprobs), "finish_reason": c.finish_reason})
+                content, calls, finish = self.tool_reply(c.tokens, c.text, c.finish_reason)
+                message = {"role": "assistant", "content": content}
+                if calls:
+                    message["tool_calls"] = calls
+                choices.append({"index": c.index, "message": message,
+                                "logprobs": self.logprobs(c.logprobs), "finish_reason": finish})
             else:
                 echo = self._echo(c.index)
                 choices.append({"index": c.index, "text": echo + c.text,
@@ -379,13 +461,15 @@ class Responses:
         return {**self._base(False), "choices": choices, "usage": self.usage(result)}
 
     def chunk(self, choice: int, text: str | None = None, role: bool = False, logprobs=None,
-              finish_reason: str | None = None) -> dict:
+              finish_reason: str | None = None, tool_calls: list[dict] | None = None) -> dict:
         if self.chat:
             delta = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:   # streamed whole, one entry per call with its index, as OpenAI's deltas allow
+                delta["tool_calls"] = [{"index": k, **call} for k, call in enumerate(tool_calls)]
             c = {"index": choice, "delta": delta, "logprobs": self.logprobs(logprobs, choice) if logprobs else None,
                  "finish_reason": finish_reason}
         else:
