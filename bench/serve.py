@@ -13,21 +13,30 @@ checked equal; our tokenizer as an HF fast tokenizer whose chat template renders
 directory). Its default path runs one `model.generate()` at a time on one inference thread, which is what a
 user of `transformers serve` gets (its streams begin with the prompt's text echoed back as a content chunk,
 which the client here skips: time to first token is the first generated token on both sides); `--hf-continuous-batching` passes its `--continuous-batching` (paged
-attention) instead (on this CPU it was far slower: see RESULTS.md). llama.cpp's server is not compared: it
-is not installed here and cannot be fetched or built offline.
+attention) instead (on this CPU it was far slower: see RESULTS.md).
+
+With `--llama-server PATH` (a llama.cpp `llama-server` binary; without it that server is skipped, saying so) a
+third server runs on the same weights: the run written by our GGUF exporter as f32 (so the weights are bit for
+bit ours) and served by `llama-server -m F.gguf` with the same threads (`-t`/`-tb`), one slot per client of the
+highest level (`--parallel N`, context N x the model's context, so each slot has the model's whole context;
+continuous batching is llama.cpp's default), its Jinja engine rendering the chat template stored in the GGUF.
+
+Before the load, each server answers one greedy, non-streaming request for the same prompt; the texts are
+printed and compared with ours (same weights, greedy: they should agree, at least for the first tokens: the
+servers' different f32 summation orders can flip a near-tie later on).
 
 Each server is a subprocess with the same torch threads (--threads; OMP_NUM_THREADS for both) and fp32. The
 load generator (this process: httpx, parsing the server-sent events itself — lighter than the `openai`
 client's objects per chunk, so it takes less of the machine from the servers) runs N concurrent clients for --seconds
 each level: each client sends a streaming chat request (temperature 0, --max-tokens, a distinct ~25-token
 prompt), reads it to the end, and sends the next, until the time is up; requests in flight then finish and
-count. Greedy decoding on identical weights gives both servers the same tokens to produce. Reported per level:
+count. Greedy decoding on identical weights gives every server the same tokens to produce. Reported per level:
 requests/s and output tokens/s (usage.completion_tokens over the wall time until the last request finished),
 p50/p99 time to first token (request sent -> first content chunk), p50/p99 inter-token latency (gaps between
-content chunks of a request), and errors (must be 0). Then the ratios ours / transformers.
+content chunks of a request), and errors (must be 0). Then the ratios ours / transformers and ours / llama.cpp.
 
-Both servers share the machine with the load generator (2 cores here), as they would with a co-located
-client; neither is favoured.
+The servers share the machine with the load generator (2 cores here), as they would with a co-located
+client; none is favoured.
 """
 
 from __future__ import annotations
@@ -40,7 +49,6 @@ import random
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -162,10 +170,25 @@ ECHO = "<|bos|>"
 
 # ---- load -------------------------------------------------------------------------------------------------
 
-async def one_request(http, url: str, model: str, messages, max_tokens: int) -> dict:
+async def one_request(http, url: str, model: str, messages, max_tokens: int, retried: list | None = None) -> dict:
     """One streaming chat request over plain httpx (server-sent events parsed here: a light client, so the
-    load generator takes as little of the machine from the servers as it can)."""
+    load generator takes as little of the machine from the servers as it can). A kept-alive connection that
+    the server closed before any response (llama-server's HTTP library does, now and then) is retried once, as
+    HTTP clients do (counted in `retried`); TTFT still counts from the first attempt."""
+    import httpx
+
     t0 = time.perf_counter()
+    try:
+        return await _one_request(http, url, model, messages, max_tokens, t0)
+    except httpx.RemoteProtocolError as e:
+        if "without sending a response" not in str(e):
+            raise
+        if retried is not None:
+            retried.append(1)
+        return await _one_request(http, url, model, messages, max_tokens, t0)
+
+
+async def _one_request(http, url: str, model: str, messages, max_tokens: int, t0: float) -> dict:
     stamps, usage = [], None
     body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -198,6 +221,7 @@ async def run_level(server: Server, clients: int, seconds: float, max_tokens: in
                              timeout=httpx.Timeout(900.0))
     done: list[dict] = []
     errors: list[str] = []
+    retried: list[int] = []
     counter = iter(range(10 ** 9))
     start = time.perf_counter()
     deadline = start + seconds
@@ -206,7 +230,7 @@ async def run_level(server: Server, clients: int, seconds: float, max_tokens: in
         while time.perf_counter() < deadline:
             msgs = pool[next(counter) % len(pool)]
             try:
-                done.append(await one_request(http, server.url, server.model, msgs, max_tokens))
+                done.append(await one_request(http, server.url, server.model, msgs, max_tokens, retried))
             except Exception as e:   # counted, and the client goes on
                 errors.append(f"{type(e).__name__}: {e}"[:200])
 
@@ -218,7 +242,7 @@ async def run_level(server: Server, clients: int, seconds: float, max_tokens: in
     itl = sorted(x for d in done for x in d["itl"])
     tokens = sum(d["tokens"] for d in done)
     return {"server": server.name, "clients": clients, "requests": len(done), "errors": len(errors),
-            "error_examples": errors[:3], "wall_s": wall, "req_s": len(done) / wall, "tok_s": tokens / wall,
+            "error_examples": errors[:3], "retried": len(retried), "wall_s": wall, "req_s": len(done) / wall, "tok_s": tokens / wall,
             "tokens": tokens, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
             "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
 
@@ -238,9 +262,26 @@ async def warm_up(server: Server, pool, max_tokens: int) -> None:
                                for i in range(4)])
 
 
-def bench_server(server: Server, levels, seconds, max_tokens, pool) -> list[dict]:
+# the prompt every server answers greedily before its load, to show that they produce the same tokens
+CHECK_PROMPT = [{"role": "user", "content": "Speak, good lord: what of the crown and the queen?"}]
+
+
+def greedy_text(server: Server, max_tokens: int = 32) -> str:
+    import httpx
+
+    body = {"model": server.model, "messages": CHECK_PROMPT, "max_tokens": max_tokens, "temperature": 0}
+    r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=300)
+    if r.status_code != 200:
+        raise SystemExit(f"{server.name}: the greedy check got HTTP {r.status_code}: {r.text[:300]}")
+    text = r.json()["choices"][0]["message"]["content"] or ""
+    return text[len(ECHO):] if text.startswith(ECHO) else text
+
+
+def bench_server(server: Server, levels, seconds, max_tokens, pool, greedy: dict) -> list[dict]:
     server.wait()
     try:
+        greedy[server.name] = greedy_text(server)
+        print(f"{server.name} greedy: {greedy[server.name]!r}", flush=True)
         asyncio.run(warm_up(server, pool, max_tokens))
         rows = []
         for n in levels:
@@ -256,7 +297,39 @@ def fmt(r: dict) -> str:
     return (f"{r['server']:<22} {r['clients']:>3} clients: {r['req_s']:6.2f} req/s  {r['tok_s']:8.1f} tok/s  "
             f"TTFT p50 {1e3 * r['ttft_p50']:8.1f} p99 {1e3 * r['ttft_p99']:8.1f} ms  "
             f"ITL p50 {1e3 * r['itl_p50']:7.2f} p99 {1e3 * r['itl_p99']:7.2f} ms  "
-            f"errors {r['errors']}  ({r['requests']} requests, {r['wall_s']:.1f} s)")
+            f"errors {r['errors']}  ({r['requests']} requests, {r['wall_s']:.1f} s"
+            + (f", {r['retried']} retried once)" if r["retried"] else ")"))
+
+
+def agreement(a: str, b: str) -> str:
+    """How far two greedy texts agree: equal, or the common prefix's length (characters) and where they part."""
+    if a == b:
+        return f"identical ({len(a)} characters)"
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return f"agree on the first {n} of {len(a)} / {len(b)} characters, then {a[n:n + 12]!r} vs {b[n:n + 12]!r}"
+
+
+def llama_server_cmd(binary: str, gguf: Path, port: int, threads: int, slots: int, slot_context: int) -> list[str]:
+    """llama.cpp's server on the GGUF: our threads, one slot per client of the highest level, each slot the
+    model's whole context (-c is split evenly across slots), Jinja chat templates, no web page."""
+    return [binary, "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", str(threads), "-tb",
+            str(threads), "--parallel", str(slots), "-c", str(slots * slot_context), "--alias", "bench", "--jinja",
+            "--no-webui", "--cont-batching"]
+
+
+def ratios(name: str, ours: dict, ref: dict, levels) -> None:
+    print(f"\nours / {name}:")
+    for n in levels:
+        if n not in ours or n not in ref:
+            continue
+        o, h = ours[n], ref[n]
+        print(f"  {n:>3} clients: output tok/s {o['tok_s'] / h['tok_s']:6.2f}x   req/s "
+              f"{o['req_s'] / h['req_s']:6.2f}x   TTFT p50 {h['ttft_p50'] / o['ttft_p50']:6.2f}x lower   "
+              f"ITL p99 {h['itl_p99'] / o['itl_p99']:6.2f}x lower")
+    if 32 in ours and 32 in ref:
+        print(f"  output tok/s at 32 clients, ours / {name} = {ours[32]['tok_s'] / ref[32]['tok_s']:.2f}x")
 
 
 def main(argv=None):
@@ -268,12 +341,20 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="torch threads of each server")
     ap.add_argument("--max-batch", type=int, default=64, help="gptstack serve --max-batch")
     ap.add_argument("--tokenizer", default="", help="tokenizer directory (default: the cached 8192-token one)")
-    ap.add_argument("--only", default="", help="ours or hf: run one side only (no ratios)")
+    ap.add_argument("--only", default="", help="ours, hf or llama: run one server only (no ratios)")
+    ap.add_argument("--llama-server", default="", metavar="PATH",
+                    help="llama.cpp's llama-server binary: also serve the weights with it (GGUF, f32)")
     ap.add_argument("--hf-continuous-batching", action="store_true", help="transformers serve --continuous-batching")
     ap.add_argument("--json", default="", help="also write the rows to this file")
     args = ap.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed bench still stops its servers
     levels = [int(x) for x in args.levels.split(",")]
+    if args.only not in ("", "ours", "hf", "llama"):
+        raise SystemExit(f"--only must be ours, hf or llama, got {args.only!r}")
+    if args.llama_server and not (os.path.isfile(args.llama_server) and os.access(args.llama_server, os.X_OK)):
+        raise SystemExit(f"--llama-server {args.llama_server!r} is not an executable file")
+    if args.only == "llama" and not args.llama_server:
+        raise SystemExit("--only llama needs --llama-server PATH")
 
     work = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     try:
@@ -285,14 +366,15 @@ def main(argv=None):
               f"max_tokens {args.max_tokens}, temperature 0; {args.seconds:.0f} s per level; "
               f"threads {args.threads}; machine {os.cpu_count()} CPUs", flush=True)
         exe = str(Path(sys.executable).parent)
-        rows = []
+        rows: list[dict] = []
+        greedy: dict[str, str] = {}
         if args.only in ("", "ours"):
             port = free_port()
             cmd = [f"{exe}/gptstack", "serve", str(run), "--port", str(port), "--device", "cpu", "--threads",
                    str(args.threads), "--max-batch", str(args.max_batch), "--max-queue", str(4 * max(levels)),
                    "--model-name", "bench"]
             rows += bench_server(Server("gptstack serve", cmd, "bench", port, args.threads, work / "ours.log"),
-                                 levels, args.seconds, args.max_tokens, pool)
+                                 levels, args.seconds, args.max_tokens, pool, greedy)
         if args.only in ("", "hf"):
             port = free_port()
             cmd = [f"{exe}/transformers", "serve", str(hf_dir), "--port", str(port), "--host", "127.0.0.1",
@@ -302,16 +384,33 @@ def main(argv=None):
                 cmd.append("--continuous-batching")
                 name += " CB"
             rows += bench_server(Server(name, cmd, str(hf_dir), port, args.threads, work / "hf.log"),
-                                 levels, args.seconds, args.max_tokens, pool)
+                                 levels, args.seconds, args.max_tokens, pool, greedy)
+        if args.only in ("", "llama"):
+            if not args.llama_server:
+                print("llama.cpp's server: skipped (no --llama-server PATH given)", flush=True)
+            else:
+                from gptstack.export.gguf import export_gguf
+
+                gguf = export_gguf(run, work / "bench.gguf", "f32")
+                port = free_port()
+                cmd = llama_server_cmd(args.llama_server, gguf, port, args.threads, max(levels), cfg.seq_len)
+                print("llama.cpp: " + " ".join(cmd), flush=True)
+                rows += bench_server(Server("llama.cpp server", cmd, "bench", port, args.threads, work / "llama.log"),
+                                     levels, args.seconds, args.max_tokens, pool, greedy)
+        if "gptstack serve" in greedy:
+            for name, text in greedy.items():
+                if name != "gptstack serve":
+                    print(f"greedy check, {name} vs gptstack serve: {agreement(text, greedy['gptstack serve'])}")
         ours = {r["clients"]: r for r in rows if r["server"] == "gptstack serve"}
-        ref = {r["clients"]: r for r in rows if r["server"] != "gptstack serve"}
+        ref = {r["clients"]: r for r in rows if r["server"].startswith("transformers serve")}
+        cpp = {r["clients"]: r for r in rows if r["server"] == "llama.cpp server"}
         if ours and ref:
-            print("\nours / transformers serve:")
-            for n in levels:
-                o, h = ours[n], ref[n]
-                print(f"  {n:>3} clients: output tok/s {o['tok_s'] / h['tok_s']:6.2f}x   req/s "
-                      f"{o['req_s'] / h['req_s']:6.2f}x   TTFT p50 {h['ttft_p50'] / o['ttft_p50']:6.2f}x lower   "
-                      f"ITL p99 {h['itl_p99'] / o['itl_p99']:6.2f}x lower")
+            ratios(ref[min(ref)]["server"], ours, ref, levels)
+        if ours and cpp:
+            ratios("llama.cpp server", ours, cpp, levels)
+        if cpp and 1 in cpp and 32 in cpp:
+            print(f"llama.cpp server's p99 ITL at 32 clients / at 1 client = "
+                  f"{cpp[32]['itl_p99'] / cpp[1]['itl_p99']:.2f}x")
         if ours and 1 in ours and 32 in ours:
             growth = ours[32]["itl_p99"] / ours[1]["itl_p99"]
             print(f"goal: our p99 ITL at 32 clients / at 1 client = {growth:.2f}x (goal <= 2x: "
